@@ -1,0 +1,77 @@
+"""The ``llavatune`` command line: one registry of subcommands.
+
+    llavatune --help
+    llavatune COMMAND --help
+
+Each entry points at a module-level ``main(argv, prog) -> int`` that parses its config dataclasses
+(see ``llavatune.config``) and calls a typed library function. Modules are imported only when their
+command runs, so ``llavatune --help`` is instant and never imports torch. A command is listed here only
+once it works end to end.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+from typing import Sequence
+
+# name -> (module with main(argv, prog), one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("llavatune.data.prepare", "convert OK-VQA / VQAv2 / CSV / JSONL / local HF datasets to LLaVA JSON"),
+    "check": ("llavatune.data.check", "validate a dataset (images, records, placeholders, lengths) and report"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: llavatune COMMAND [CONFIG.yaml] [--flag value ...]",
+        "",
+        "Fine-tune LLaVA-style vision-language models on your own image-question data.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "Run 'llavatune COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from llavatune import __version__
+
+        print(f"llavatune {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        hint = difflib.get_close_matches(name, COMMANDS, n=1)
+        extra = f"; did you mean '{hint[0]}'?" if hint else ""
+        sys.stderr.write(f"llavatune: error: unknown command '{name}'{extra} (see 'llavatune --help')\n")
+        return 2
+    module_name, _ = COMMANDS[name]
+    prog = f"llavatune {name}"
+    from llavatune.config import ConfigError
+    from llavatune.utils import UserError, setup_logging
+
+    setup_logging()
+    try:
+        module = importlib.import_module(module_name)
+        return int(module.main(rest, prog) or 0)
+    except ConfigError as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        return 2
+    except UserError as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""One config system: dataclasses -> YAML -> CLI flags.
+
+Every command's options are dataclasses. A field's docstring (the string literal right after it, as in
+litgpt) becomes its ``--help`` text; ``transformers.HfArgumentParser`` turns the fields into flags
+(``--snake_case`` and ``--kebab-case`` both work), a YAML file given as the first positional argument
+supplies values, and flags on the command line override the YAML. The resolved values are written
+into every output directory (``llavatune_config.yaml``) so a run can always be reproduced.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import sys
+import textwrap
+import types
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error. The message names the flag or YAML key at fault."""
+
+
+def _field_docstrings(cls: type) -> dict[str, str]:
+    """Map field name -> the docstring literal that follows its annotation in the class body."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        tree = ast.parse(source)
+        body = next((n.body for n in tree.body if isinstance(n, ast.ClassDef)), [])
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def config(cls: type) -> type:
+    """``@dataclass`` that also copies each field's docstring into ``metadata['help']``.
+
+    ``HfArgumentParser`` reads ``metadata['help']``, so the docstring is the single place a field is
+    documented: in the code, in ``--help`` and in ``docs/``.
+    """
+    cls = dataclasses.dataclass(cls)
+    docs = _field_docstrings(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in docs and "help" not in f.metadata:
+            f.metadata = types.MappingProxyType({**f.metadata, "help": docs[f.name]})
+    return cls
+
+
+def _make_parser(prog: str, description: str, dataclass_types: Sequence[type]):
+    from transformers import HfArgumentParser
+
+    class _Parser(HfArgumentParser):
+        def error(self, message: str):  # one line, not a usage dump or a traceback
+            sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+            raise SystemExit(2)
+
+    parser = _Parser(list(dataclass_types), prog=prog, description=description)
+    return parser
+
+
+def _known_fields(dataclass_types: Sequence[type]) -> set[str]:
+    return {f.name for dt in dataclass_types for f in dataclasses.fields(dt) if f.init}
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def parse_config(
+    dataclass_types: Sequence[type],
+    argv: Sequence[str],
+    prog: str = "llavatune",
+    description: str = "",
+    allow_yaml: bool = True,
+):
+    """Parse ``[CONFIG.yaml] [--flag value ...]`` into instances of ``dataclass_types``.
+
+    YAML keys use the field names; unknown keys are an error naming the key. Flags win over YAML.
+    """
+    parser = _make_parser(prog, description, dataclass_types)
+    if allow_yaml:
+        parser.add_argument(
+            "config",
+            nargs="?",
+            default=None,
+            help="optional YAML file with option: value pairs; flags given after it override it",
+        )
+    argv = list(argv)
+    yaml_path = None
+    if allow_yaml and argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
+        yaml_path = argv[0]
+    if yaml_path:
+        values = load_yaml(yaml_path)
+        known = _known_fields(dataclass_types)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{yaml_path}: unknown option(s) {', '.join(unknown)}; see '{prog} --help'")
+        parser.set_defaults(**values)
+    ns = parser.parse_args(argv)
+    outputs = []
+    for dtype in dataclass_types:
+        keys = {f.name for f in dataclasses.fields(dtype) if f.init}
+        kwargs = {k: v for k, v in vars(ns).items() if k in keys}
+        try:
+            outputs.append(dtype(**kwargs))
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
+    return outputs
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Reject a value not in ``choices``, naming the flag."""
+    if value not in choices:
+        raise ConfigError(f"--{name}: invalid value {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A plain-data dict of a config dataclass (TrainingArguments included), safe for YAML."""
+    if hasattr(obj, "to_dict"):
+        data = obj.to_dict()
+    else:
+        data = dataclasses.asdict(obj)
+    return json.loads(json.dumps(data, default=str))
+
+
+def save_resolved(path: str | os.PathLike, sections: dict[str, Any]) -> None:
+    """Write the resolved config (``{section: dataclass}``) as YAML, atomically."""
+    from llavatune.utils import atomic_write_text
+
+    data = {name: to_dict(obj) for name, obj in sections.items()}
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

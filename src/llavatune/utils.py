@@ -1,0 +1,79 @@
+"""Small shared helpers: atomic writes, safe image paths, run-directory guard, logging."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+logger = logging.getLogger("llavatune")
+
+
+class UserError(Exception):
+    """An error caused by user input; the CLI prints its message on one line, without a traceback."""
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder + ``os.replace``: no half files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def resolve_under(root: str | os.PathLike, rel: str) -> Path:
+    """Resolve image path ``rel`` against ``root``; refuse paths that escape ``root``.
+
+    Absolute paths are allowed only when they lie inside ``root`` (security: a dataset must not make us
+    read arbitrary files such as ``../../etc/passwd``).
+    """
+    root_p = Path(root).resolve()
+    p = Path(rel)
+    full = (p if p.is_absolute() else root_p / p).resolve()
+    if full != root_p and root_p not in full.parents:
+        raise UserError(f"image path {rel!r} escapes the image folder {root_p}")
+    return full
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create an output directory; refuse a non-empty one unless ``overwrite`` (or ``resume``)."""
+    p = Path(path)
+    if p.exists() and any(p.iterdir()):
+        if resume:
+            return p
+        if not overwrite:
+            raise UserError(
+                f"output directory {p} exists and is not empty; pass --overwrite to replace it "
+                "(or --resume to continue a training run)"
+            )
+        shutil.rmtree(p)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    if not logger.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("[llavatune] %(message)s"))
+        logger.addHandler(h)
+    logger.setLevel(level)
+    logger.propagate = False
