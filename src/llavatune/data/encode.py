@@ -1,0 +1,247 @@
+"""Records -> token ids, labels and pixel values: the dataset and collator the Trainer consumes.
+
+Labels are built from template segments (``llavatune.data.templates``): answer tokens keep their ids,
+everything else (system prompt, questions, image tokens, padding) is -100. Each ``<image>`` expands to
+exactly the number of feature vectors the vision tower + projector produce, so the model's
+"image features and image tokens do not match" check (transformers #36002) cannot fire, and
+truncation never cuts through an image's tokens: such a sample is dropped and counted, or (with
+``truncation: truncate``) its text tail is cut *after* the last image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llavatune.data.images import ImageError, open_image
+from llavatune.data.records import IMAGE_TOKEN, Record, Turn
+from llavatune.data.templates import get_segmenter
+from llavatune.utils import UserError, resolve_under
+
+IGNORE_INDEX = -100
+logger = logging.getLogger("llavatune")
+
+
+def image_tokens_per_image(processor) -> int:
+    """Number of ``<image>`` token positions one image occupies for a (LLaVA-1.5 style) processor.
+
+    ``(H/patch) * (W/patch) + num_additional_image_tokens``, minus 1 for the "default" feature-select
+    strategy (which drops CLS), exactly as ``LlavaProcessor`` expands the placeholder.
+    """
+    ip = processor.image_processor
+    crop = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {}
+    crop = dict(crop) if not isinstance(crop, dict) else crop
+    h = crop.get("height") or crop.get("shortest_edge")
+    w = crop.get("width") or crop.get("shortest_edge")
+    n = (h // processor.patch_size) * (w // processor.patch_size) + (processor.num_additional_image_tokens or 0)
+    if processor.vision_feature_select_strategy == "default":
+        n -= 1
+    return n
+
+
+class SampleSkipped(Exception):
+    """A sample that cannot be used as is; ``reason`` is counted and reported."""
+
+
+@dataclass
+class Encoder:
+    """Tokenize conversations segment by segment. ``encode`` for training, ``prompt_ids`` for generation."""
+
+    processor: Any
+    template: str = "auto"
+    max_length: int = 2048
+    truncation: str = "drop"  # "drop" | "truncate"
+
+    def __post_init__(self):
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.segmenter = get_segmenter(self.template, self.processor)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.n_image_tokens = image_tokens_per_image(self.processor)
+        self.eos = self.tokenizer.eos_token or ""
+        probe = self.tokenizer("a").input_ids
+        bos = self.tokenizer.bos_token_id
+        self.bos = [bos] if bos is not None and probe and probe[0] == bos else []
+
+    def _ids(self, text: str) -> list[int]:
+        out: list[int] = []
+        for i, piece in enumerate(text.split(IMAGE_TOKEN)):
+            if i > 0:
+                out += [self.image_token_id] * self.n_image_tokens
+            if piece:
+                out += self.tokenizer(piece, add_special_tokens=False).input_ids
+        return out
+
+    def encode(self, turns: list[Turn]) -> tuple[list[int], list[int]]:
+        ids, labels = list(self.bos), [IGNORE_INDEX] * len(self.bos)
+        for text, supervised in self.segmenter(turns, self.eos, False):
+            seg = self._ids(text)
+            ids += seg
+            labels += seg if supervised else [IGNORE_INDEX] * len(seg)
+        if len(ids) > self.max_length:
+            ids, labels = self._truncate(ids, labels)
+        if all(x == IGNORE_INDEX for x in labels):
+            raise SampleSkipped("no answer tokens to learn from")
+        return ids, labels
+
+    def _truncate(self, ids, labels):
+        if self.truncation != "truncate":
+            raise SampleSkipped(f"longer than max_length={self.max_length} ({len(ids)} tokens)")
+        cut = self.max_length
+        if self.image_token_id in ids[cut:]:
+            raise SampleSkipped(f"max_length={self.max_length} would cut through image tokens ({len(ids)} tokens)")
+        ids, labels = ids[:cut], labels[:cut]
+        if all(x == IGNORE_INDEX for x in labels):
+            raise SampleSkipped(f"no answer tokens left after truncation to max_length={self.max_length}")
+        return ids, labels
+
+    def supervised_text(self, turns: list[Turn]) -> str:
+        return "".join(t for t, s in self.segmenter(turns, self.eos, False) if s)
+
+    def prompt_ids(self, turns: list[Turn]) -> list[int]:
+        """Token ids of the prompt for generating the next assistant turn (``turns`` ends with human)."""
+        ids = list(self.bos)
+        for text, supervised in self.segmenter(turns, self.eos, True):
+            ids += self._ids(text)
+        return ids
+
+
+def check_masking(encoder: Encoder, turns: list[Turn], labels: list[int]) -> str | None:
+    """Return a problem description if the supervised tokens do not decode back to the answers."""
+    kept = [x for x in labels if x != IGNORE_INDEX]
+    if not kept:
+        return "supervised span is empty"
+    got = encoder.tokenizer.decode(kept, skip_special_tokens=False)
+    want = encoder.supervised_text(turns)
+    if "".join(got.split()) != "".join(want.split()):
+        return f"supervised tokens decode to {got[:60]!r}, expected {want[:60]!r}"
+    return None
+
+
+@dataclass
+class EncodedSample:
+    index: int
+    input_ids: list[int]
+    labels: list[int]
+    image_paths: list[Path]
+
+
+@dataclass
+class LlavaDataset(torch.utils.data.Dataset):
+    """Tokenized records whose images load lazily (in dataloader workers) in ``__getitem__``.
+
+    ``skipped`` maps reason -> list of record refs; nothing is dropped without being counted there.
+    """
+
+    records: list[Record]
+    encoder: Encoder
+    image_roots: list[Path]  # one per record: the folder its relative image paths resolve against
+    name: str = "train"
+    samples: list[EncodedSample] = field(default_factory=list, init=False)
+    skipped: dict[str, list[str]] = field(default_factory=dict, init=False)
+    masking_problems: list[tuple[str, str]] = field(default_factory=list, init=False)
+
+    def __post_init__(self):
+        for i, (rec, root) in enumerate(zip(self.records, self.image_roots)):
+            try:
+                paths = [resolve_under(root, p) for p in rec.images]
+                if rec.n_placeholders != len(rec.images):
+                    raise SampleSkipped(
+                        f"{rec.n_placeholders} <image> placeholder(s) for {len(rec.images)} image(s)"
+                    )
+                ids, labels = self.encoder.encode(rec.conversations)
+            except SampleSkipped as e:
+                self.skipped.setdefault(str(e).split(" (")[0], []).append(rec.ref)
+                continue
+            except UserError as e:
+                self.skipped.setdefault("bad image path", []).append(f"{rec.ref}: {e}")
+                continue
+            problem = check_masking(self.encoder, rec.conversations, labels)
+            if problem:
+                self.masking_problems.append((rec.ref, problem))
+            self.samples.append(EncodedSample(i, ids, labels, paths))
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(map(len, self.skipped.values()))
+
+    def report(self) -> str:
+        lines = [f"{self.name}: {len(self.samples)} samples used, {self.n_skipped} skipped"]
+        for reason, refs in self.skipped.items():
+            lines.append(f"  skipped ({reason}): {len(refs)}, e.g. {', '.join(refs[:3])}")
+        if self.masking_problems:
+            ref, why = self.masking_problems[0]
+            lines.append(f"  masking self-check failed on {len(self.masking_problems)} samples, e.g. {ref}: {why}")
+        return "\n".join(lines)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(s.input_ids) for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = self.samples[i]
+        item: dict[str, Any] = {
+            "input_ids": torch.tensor(s.input_ids, dtype=torch.long),
+            "labels": torch.tensor(s.labels, dtype=torch.long),
+        }
+        if s.image_paths:
+            try:
+                images = [open_image(p) for p in s.image_paths]
+            except ImageError as e:
+                rec = self.records[s.index]
+                raise UserError(f"{self.name} record {rec.ref}: {e}; run 'llavatune check' on the data") from None
+            item["pixel_values"] = self.encoder.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return item
+
+
+class LlavaCollator:
+    """Pad a list of samples into a batch.
+
+    Input: dicts with ``input_ids`` (L_i,), ``labels`` (L_i,) and, for samples with images,
+    ``pixel_values`` (n_images_i, 3, H, W).
+    Output: ``input_ids`` (B, L) padded with ``pad_token_id``, ``attention_mask`` (B, L) 1 on real
+    tokens, ``labels`` (B, L) padded with -100, and ``pixel_values`` (sum n_images_i, 3, H, W) in
+    sample order (the model fills image-token positions in reading order), absent when no sample has
+    an image. ``padding_side`` is "right" for training, "left" for batched generation.
+    """
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        n = max(len(f["input_ids"]) for f in features)
+        B = len(features)
+        input_ids = torch.full((B, n), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((B, n), dtype=torch.long)
+        has_labels = "labels" in features[0]
+        labels = torch.full((B, n), IGNORE_INDEX, dtype=torch.long)
+        for b, f in enumerate(features):
+            L = len(f["input_ids"])
+            sl = slice(0, L) if self.padding_side == "right" else slice(n - L, n)
+            input_ids[b, sl] = f["input_ids"]
+            attention[b, sl] = 1
+            if has_labels:
+                labels[b, sl] = f["labels"]
+        batch = {"input_ids": input_ids, "attention_mask": attention}
+        if has_labels:
+            batch["labels"] = labels
+        pixels = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels, dim=0)
+        return batch
+
+
+def summarize_skips(datasets: list[LlavaDataset]) -> Counter:
+    c: Counter = Counter()
+    for d in datasets:
+        for reason, refs in d.skipped.items():
+            c[reason] += len(refs)
+    return c

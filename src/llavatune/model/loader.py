@@ -1,0 +1,352 @@
+"""Build, load and wrap LLaVA models for training and inference.
+
+- ``base_source``: turn ``--model`` (tiny / compose / hub id / local dir) into a llava-hf directory or id.
+- ``load_base``: ``AutoModelForImageTextToText`` (LLaVA, LLaVA-NeXT, ...) + ``AutoProcessor``, optionally
+  quantized with bitsandbytes (vision tower, projector and lm_head are never quantized).
+- ``apply_method``: freeze/unfreeze per stage and wrap with PEFT LoRA; the projector trains fully via
+  ``modules_to_save`` so it is saved *inside* the adapter (no separate ``non_lora_trainables.bin`` to lose:
+  LLaVA #740, #733, #1597).
+- ``load_checkpoint``: any llavatune checkpoint (adapter, intermediate, merged) or llava-hf model for
+  eval/predict/merge.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from llavatune.utils import UserError
+
+logger = logging.getLogger("llavatune")
+META_FILE = "llavatune_checkpoint.json"
+PROJECTOR = "multi_modal_projector"
+VISION = "vision_tower"
+
+
+def resolve_dtype(name: str, use_cpu: bool = False) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and not use_cpu and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _is_local(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or os.path.exists(ref)
+
+
+def check_model_ref(ref: str, what: str = "--model") -> None:
+    """A local-looking path must exist; a hub id must look like ``owner/name``."""
+    if _is_local(ref):
+        if not Path(ref).expanduser().exists():
+            raise UserError(f"{what}: {ref} does not exist")
+    elif ref.count("/") != 1:
+        raise UserError(f"{what}: {ref!r} is neither an existing directory nor a hub id like 'llava-hf/llava-1.5-7b-hf'")
+
+
+def compose_llava(
+    vision_model: str,
+    language_model: str,
+    out_dir: str | os.PathLike,
+    projector: str = "mlp2x_gelu",
+    vision_feature_layer: int = -2,
+    vision_feature_select_strategy: str = "default",
+    trust_remote_code: bool = False,
+) -> None:
+    """Compose a new llava-hf model from a vision encoder and a causal LM, with a fresh projector.
+
+    Adds ``<image>`` (and a pad token if missing) to the tokenizer, resizes the embeddings, builds the
+    matching ``LlavaProcessor`` and saves everything to ``out_dir`` — stage 1's starting point.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from llavatune.data.records import IMAGE_TOKEN
+    from llavatune.data.templates import VICUNA_JINJA
+
+    for ref, what in ((vision_model, "--vision_model"), (language_model, "--language_model")):
+        check_model_ref(ref, what)
+    tok = AutoTokenizer.from_pretrained(language_model, trust_remote_code=trust_remote_code)
+    added = tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    vcfg = AutoConfig.from_pretrained(vision_model, trust_remote_code=trust_remote_code)
+    vcfg = getattr(vcfg, "vision_config", vcfg)
+    lm = AutoModelForCausalLM.from_pretrained(language_model, trust_remote_code=trust_remote_code)
+    if added:
+        lm.resize_token_embeddings(len(tok))
+    cfg = LlavaConfig(
+        vision_config=vcfg,
+        text_config=lm.config,
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        projector_hidden_act="linear" if projector == "linear" else "gelu",
+    )
+    model = LlavaForConditionalGeneration(cfg)
+    # CLIPVisionModel / SiglipVisionModel.from_pretrained also reads the vision half of a full CLIP/SigLIP.
+    vision = type(model.model.vision_tower).from_pretrained(vision_model, trust_remote_code=trust_remote_code)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    ip = AutoImageProcessor.from_pretrained(vision_model)
+    patch = vcfg.patch_size
+    extra = 1 if "clip" in vcfg.model_type else 0
+    processor = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        num_additional_image_tokens=extra,
+        chat_template=tok.chat_template or VICUNA_JINJA,
+    )
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def projector_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Projector weights from a stage-1 output dir or safetensors file, keys relative to the projector."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(p.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"--pretrained_projector: no .safetensors weights found at {p}")
+    out = {}
+    for f in files:
+        for k, v in load_file(str(f)).items():
+            m = re.search(rf"{PROJECTOR}\.(?:modules_to_save\.default\.)?(.+)$", k)
+            if m:
+                out[m.group(1)] = v
+    if not out:
+        raise UserError(f"--pretrained_projector: {p} holds no {PROJECTOR} weights")
+    return out
+
+
+def load_base(
+    ref: str,
+    dtype: torch.dtype,
+    quantization: dict | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    device_map: Any = None,
+):
+    """Load a llava-hf model and its processor from a hub id or local dir."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+    check_model_ref(ref)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization:
+        kwargs["quantization_config"] = BitsAndBytesConfig(**quantization)
+        kwargs["device_map"] = device_map if device_map is not None else _kbit_device_map()
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForImageTextToText.from_pretrained(ref, **kwargs)
+    processor = AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    return model, processor
+
+
+def _kbit_device_map():
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def quantization_kwargs(bits: int, quant_type: str, double_quant: bool, compute_dtype: torch.dtype) -> dict:
+    # Never quantized (as in LLaVA's QLoRA recipe). transformers matches these from the start of the module
+    # path or as a suffix, so the ".*" makes them match "model.multi_modal_projector.linear_2" too.
+    skip = [f".*{VISION}", f".*{PROJECTOR}", "lm_head"]
+    if bits == 8:
+        return {"load_in_8bit": True, "llm_int8_skip_modules": skip}
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "llm_int8_skip_modules": skip,
+    }
+
+
+def linear_module_names(model: torch.nn.Module, under: str) -> list[str]:
+    """Leaf names of the linear layers (plain or bitsandbytes) inside submodules whose path contains ``under``."""
+    names = set()
+    for name, mod in model.named_modules():
+        if f".{under}." in f".{name}." and _is_linear(mod):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def _is_linear(mod) -> bool:
+    if isinstance(mod, torch.nn.Linear):
+        return True
+    return type(mod).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpointing: bool = False):
+    """Freeze/unfreeze for the stage and method; wrap with LoRA when asked. Returns the model to train."""
+    model.requires_grad_(False)
+    inner = model.model
+    projector = getattr(inner, PROJECTOR)
+    if stage == "pretrain":
+        projector.requires_grad_(True)
+        return model
+    if method == "full":
+        inner.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+        projector.requires_grad_(True)
+        if margs.train_vision == "full":
+            inner.vision_tower.requires_grad_(True)
+        elif margs.train_vision == "lora":
+            raise UserError("--train_vision lora needs --method lora or qlora")
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.enable_input_require_grads()
+    if margs.lora_target_modules:
+        names = [n.strip() for n in margs.lora_target_modules.split(",") if n.strip()]
+        target = rf".*language_model.*\.({'|'.join(map(re.escape, names))})$"
+    else:
+        names = linear_module_names(model, "language_model")
+        target = rf".*language_model.*\.({'|'.join(map(re.escape, names))})$"
+    if margs.train_vision == "lora":
+        vnames = linear_module_names(model, VISION)
+        target = rf"({target})|(.*{VISION}.*\.({'|'.join(map(re.escape, vnames))})$)"
+    modules_to_save = [PROJECTOR] + ([VISION] if margs.train_vision == "full" else [])
+    lcfg = LoraConfig(
+        r=margs.lora_r,
+        lora_alpha=margs.lora_alpha,
+        lora_dropout=margs.lora_dropout,
+        target_modules=target,
+        modules_to_save=modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lcfg)
+
+
+def parameter_summary(model: torch.nn.Module) -> str:
+    groups: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+        key = "lora" if "lora_" in name else PROJECTOR if PROJECTOR in name else VISION if VISION in name else "llm"
+        g = groups.setdefault(key, [0, 0])
+        g[0] += n
+        if p.requires_grad:
+            g[1] += n
+    total = sum(g[0] for g in groups.values())
+    train = sum(g[1] for g in groups.values())
+    lines = [f"trainable parameters: {train:,} of {total:,} ({100 * train / max(total, 1):.2f} %)"]
+    for k, (n, t) in groups.items():
+        lines.append(f"  {k:<22} {n:>14,} params, {t:>14,} trainable")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def write_meta(ckpt_dir: str | os.PathLike, meta: dict) -> None:
+    from llavatune.utils import atomic_write_json
+
+    meta = dict(meta)
+    base = meta.get("base_model")
+    if base and os.path.isabs(base):
+        meta["base_model_relative"] = os.path.relpath(base, ckpt_dir)
+    atomic_write_json(Path(ckpt_dir) / META_FILE, meta)
+
+
+def read_meta(ckpt_dir: str | os.PathLike) -> dict:
+    p = Path(ckpt_dir) / META_FILE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _resolve_base(ckpt: Path, meta: dict, adapter_cfg: dict) -> str:
+    candidates = []
+    if meta.get("base_model_relative"):
+        candidates.append(str((ckpt / meta["base_model_relative"]).resolve()))
+    if meta.get("base_model"):
+        candidates.append(meta["base_model"])
+    if adapter_cfg.get("base_model_name_or_path"):
+        candidates.append(adapter_cfg["base_model_name_or_path"])
+    for c in candidates:
+        if os.path.isdir(c) or (not _is_local(c) and c.count("/") == 1):
+            return c
+    raise UserError(
+        f"{ckpt}: the adapter's base model cannot be found (looked for {', '.join(candidates) or 'nothing recorded'}); "
+        "pass --base_model PATH_OR_HUB_ID"
+    )
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    dtype: str = "auto",
+    base_model: str | None = None,
+    merge: bool = False,
+    quantized: bool | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load any checkpoint kind for inference. Returns ``(model, processor, info)``.
+
+    ``info`` = {"kind": "adapter" | "full", "base_model": ..., "method": ...}.
+    """
+    from transformers import AutoProcessor
+
+    p = Path(path)
+    if not _is_local(str(path)):
+        model, processor = load_base(str(path), resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+        return model.eval(), processor, {"kind": "full", "base_model": str(path)}
+    if not p.is_dir():
+        raise UserError(f"--model: {p} is not a directory")
+    meta = read_meta(p)
+    adapter_cfg_path = p / "adapter_config.json"
+    if adapter_cfg_path.is_file():
+        from peft import PeftModel
+
+        adapter_cfg = json.loads(adapter_cfg_path.read_text())
+        base = base_model or _resolve_base(p, meta, adapter_cfg)
+        want_q = meta.get("method") == "qlora" if quantized is None else quantized
+        quant = None
+        torch_dtype = resolve_dtype(dtype)
+        if want_q and not merge:
+            q = meta.get("quantization") or {}
+            quant = quantization_kwargs(q.get("bits", 4), q.get("quant_type", "nf4"), q.get("double_quant", True), torch_dtype)
+        model, processor = load_base(base, torch_dtype, quantization=quant, trust_remote_code=trust_remote_code)
+        if (p / "tokenizer_config.json").is_file() or (p / "processor_config.json").is_file():
+            processor = AutoProcessor.from_pretrained(p, trust_remote_code=trust_remote_code)
+        if not any(p.glob("adapter_model.*")):
+            raise UserError(f"{p}: adapter_config.json found but no adapter_model.safetensors; the checkpoint is incomplete")
+        model = PeftModel.from_pretrained(model, str(p))
+        if merge:
+            model = model.merge_and_unload()
+        return model.eval(), processor, {"kind": "adapter", "base_model": base, **meta}
+    if not (p / "config.json").is_file():
+        raise UserError(f"{p}: no config.json or adapter_config.json; not a model or checkpoint directory")
+    missing = [] if any(p.glob("*.safetensors")) else ["model weights (*.safetensors)"]
+    if not ((p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file()):
+        missing.append("tokenizer files")
+    if missing:
+        raise UserError(f"{p}: missing {', '.join(missing)}; re-export it with 'llavatune merge'")
+    model, processor = load_base(str(p), resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+    return model.eval(), processor, {"kind": "full", "base_model": str(p), **meta}
+
+
+def collect_texts(records: Iterable) -> list[str]:
+    return [t.value for r in records for t in r.conversations]

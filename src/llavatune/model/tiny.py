@@ -1,0 +1,161 @@
+"""``model: tiny`` — a tiny random LLaVA built from the real classes, for demos, tests and smoke runs.
+
+    llavatune train --model tiny --data DIR/data.json --output_dir RUN
+
+Real ``CLIPVisionModel`` + ``LlamaForCausalLM`` inside ``LlavaForConditionalGeneration`` (2 layers,
+small widths) with a word-level tokenizer trained by the ``tokenizers`` library on the training
+data's own text, and a ``LlavaProcessor`` with a chat template. Everything is built locally from
+code, nothing is downloaded; the result is saved like any llava-hf checkpoint, so every later step
+(QLoRA loading, merging, stock-transformers reload) treats it exactly as a real model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from llavatune.data.records import IMAGE_TOKEN
+from llavatune.data.templates import VICUNA_JINJA
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+# Text every prompt contains, so the vocabulary covers the templates whatever the data says.
+TEMPLATE_TEXT = (
+    "USER: ASSISTANT: [INST] [/INST] <<SYS>> <</SYS>> <|im_start|> <|im_end|> system user assistant "
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human's questions. Answer the question using a single word or phrase."
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000):
+    """A Llama-style BPE tokenizer (byte-level, so any text round-trips) trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts) + [TEMPLATE_TEXT], trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="right",
+    )
+    fast.chat_template = VICUNA_JINJA
+    return fast
+
+
+def build_tiny(
+    texts: Iterable[str],
+    out_dir: str | os.PathLike | None = None,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    vision_hidden_size: int = 32,
+    num_layers: int = 2,
+    seed: int = 0,
+):
+    """Build (and optionally save) a tiny random LLaVA + processor. Returns ``(model, processor)``."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaImageProcessor,
+        LlavaProcessor,
+    )
+
+    tokenizer = train_tokenizer(texts)
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden_size,
+        intermediate_size=vision_hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    n_tokens = (image_size // patch_size) ** 2  # "default" strategy drops CLS
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=n_tokens,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    image_processor = LlavaImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_pad=True,  # LLaVA-1.5 "pad" aspect ratio: pad to square with the mean colour, then resize
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=VICUNA_JINJA,
+    )
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+    return model, processor
+
+
+def build_smoke(ref: str, out_dir: str | os.PathLike, texts: Iterable[str] = ()):
+    """``--smoke``: a tiny random model of the same families as ``ref`` (2 layers, small widths) with
+    ``ref``'s own processor and tokenizer, so data, template and image-token bugs surface in seconds."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    cfg = AutoConfig.from_pretrained(ref)
+    processor = AutoProcessor.from_pretrained(ref)
+    shrink = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    v, t = cfg.vision_config, cfg.text_config
+    for sub, hidden in ((v, 32), (t, 64)):
+        sub.hidden_size, sub.intermediate_size = hidden, hidden * 2
+        for k, val in shrink.items():
+            if hasattr(sub, k):
+                setattr(sub, k, val)
+        if hasattr(sub, "head_dim"):
+            sub.head_dim = hidden // 4
+    if hasattr(v, "projection_dim"):
+        v.projection_dim = 32
+    model = AutoModelForImageTextToText.from_config(cfg)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return model, processor

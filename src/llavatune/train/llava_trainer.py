@@ -1,0 +1,125 @@
+"""``LlavaTrainer``: HF ``Trainer`` with per-module learning rates, image-aware length grouping, and
+self-contained checkpoints.
+
+Everything else (loop, mixed precision, accumulation, DeepSpeed, resume) is the stock Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from llavatune.model.loader import PROJECTOR, VISION, write_meta
+
+logger = logging.getLogger("llavatune")
+
+
+class LlavaTrainer(Trainer):
+    def __init__(self, *args, projector_lr: float | None = None, vision_lr: float | None = None,
+                 lengths: list[int] | None = None, **kwargs):
+        self.projector_lr = projector_lr
+        self.vision_lr = vision_lr
+        self.lengths = lengths
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        """AdamW (or ``--optim``) with separate learning rates for projector and vision tower."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        base_lr = self.args.learning_rate
+        groups: dict[tuple[str, bool], dict[str, Any]] = {}
+        for name, p in opt_model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if PROJECTOR in name and self.projector_lr is not None:
+                key, lr = "projector", self.projector_lr
+            elif VISION in name and self.vision_lr is not None:
+                key, lr = "vision", self.vision_lr
+            else:
+                key, lr = "default", base_lr
+            g = groups.setdefault(
+                (key, name in decay),
+                {"params": [], "lr": lr, "weight_decay": self.args.weight_decay if name in decay else 0.0},
+            )
+            g["params"].append(p)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(list(groups.values()), lr=base_lr, **optimizer_kwargs)
+        return self.optimizer
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Group by the real sequence length, image tokens included, without loading any image.
+        if self.args.train_sampling_strategy == "group_by_length" and self.lengths is not None:
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                lengths=self.lengths,
+            )
+        return super()._get_train_sampler(train_dataset)
+
+
+class CheckpointCallback(TrainerCallback):
+    """Make every ``checkpoint-N`` self-contained: processor + tokenizer, model config, run config, metadata.
+
+    Without these, intermediate checkpoints cannot be evaluated or merged on their own (LLaVA #729, #844,
+    #1245). The projector is already inside the adapter (PEFT ``modules_to_save``) or the full weights.
+    """
+
+    def __init__(self, processor, meta: dict, config_path: Path, model_config):
+        self.processor = processor
+        self.meta = meta
+        self.config_path = config_path
+        self.model_config = model_config
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            finish_checkpoint(ckpt, self.processor, self.meta, self.config_path, self.model_config)
+
+
+def finish_checkpoint(ckpt: Path, processor, meta: dict, config_path: Path | None, model_config) -> None:
+    processor.save_pretrained(ckpt)
+    if not (ckpt / "config.json").exists():
+        # adapter checkpoints: keep the base model's config for reference (loading goes through the adapter)
+        model_config.to_json_file(str(ckpt / "base_config.json"))
+    if config_path is not None and config_path.exists() and config_path.parent.resolve() != ckpt.resolve():
+        shutil.copy2(config_path, ckpt / config_path.name)
+    write_meta(ckpt, meta)
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Append every log (loss, lr, eval metrics) as one JSON line to ``OUTPUT_DIR/metrics.jsonl``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    p = Path(output_dir)
+    return get_last_checkpoint(str(p)) if p.is_dir() else None
+
+
+def count_trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,220 @@
+"""``llavatune train [CONFIG.yaml] [--flag value ...]`` — the training recipe, top to bottom.
+
+    llavatune train --model tiny --data DIR/data.json --val_data VALDIR/data.json --output_dir RUN --num_train_epochs 3
+    llavatune train configs/llava15_7b_okvqa_qlora.yaml
+    torchrun --nproc_per_node 2 -m llavatune.cli train configs/... --zero zero2
+
+Stage 1 (``--stage pretrain``) trains the projector on captions; stage 2 (``--stage finetune``) trains
+projector + LLM (LoRA, QLoRA or full) with the vision tower frozen. Output: ``OUTPUT_DIR`` holds the final
+weights (adapter or full), processor, ``llavatune_config.yaml``, ``metrics.jsonl`` and ``checkpoint-N``
+folders, each loadable on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from importlib import resources
+from pathlib import Path
+
+from llavatune.config import ConfigError, parse_config, save_resolved
+from llavatune.data.encode import Encoder, LlavaCollator, LlavaDataset
+from llavatune.data.records import Record, load_records, normalize_image_placement
+from llavatune.train.train_config import DataArgs, LlavaTrainingArguments, MethodArgs, ModelArgs
+from llavatune.utils import UserError, prepare_output_dir
+
+logger = logging.getLogger("llavatune")
+CONFIG_FILE = "llavatune_config.yaml"
+SECTIONS = (ModelArgs, DataArgs, MethodArgs, LlavaTrainingArguments)
+
+
+def deepspeed_config(zero: str) -> str:
+    """Short name (zero2, zero3, zero3_offload) of a shipped config, or a path to a user's JSON."""
+    if Path(zero).is_file():
+        return str(Path(zero).resolve())
+    shipped = resources.files("llavatune") / "configs" / "deepspeed" / f"{zero}.json"
+    if not shipped.is_file():
+        raise ConfigError(f"--zero: {zero!r} is neither zero2, zero3, zero3_offload nor an existing JSON file")
+    return str(shipped)
+
+
+def validate(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrainingArguments) -> None:
+    """Reject incompatible options before anything heavy runs."""
+    if not dargs.data:
+        raise ConfigError("--data: training data is required (a LLaVA-format .json/.jsonl)")
+    if not targs.output_dir:
+        raise ConfigError("--output_dir: required")
+    for name in ("data", "val_data"):
+        value = getattr(dargs, name)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"--{name}: {value} does not exist")
+    if margs.model == "compose" and not (margs.vision_model and margs.language_model):
+        raise ConfigError("--model compose needs --vision_model and --language_model")
+    if mthd.method == "qlora" and mthd.stage == "finetune":
+        if mthd.zero and "zero3" in mthd.zero:
+            raise ConfigError("--method qlora with --zero zero3: use zero2 (ZeRO-3 cannot shard bitsandbytes weights)")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("--method qlora needs bitsandbytes: pip install 'llavatune[qlora]'") from None
+    if mthd.stage == "pretrain" and mthd.method != "lora":
+        logger.info("stage pretrain trains the projector only; --method is ignored")
+    if dargs.max_length < 16:
+        raise ConfigError(f"--max_length: {dargs.max_length} is too small")
+
+
+def load_split(path: str, image_folder: str | None) -> tuple[list[Record], list[Path]]:
+    records = [normalize_image_placement(r) for r in load_records(path)]
+    root = Path(image_folder) if image_folder else Path(path).resolve().parent
+    return records, [root] * len(records)
+
+
+def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrainingArguments) -> Path:
+    import torch
+
+    from llavatune.model import loader
+    from llavatune.model.tiny import build_smoke, build_tiny
+    from llavatune.train.llava_trainer import (
+        CheckpointCallback,
+        LlavaTrainer,
+        MetricsJsonlCallback,
+        finish_checkpoint,
+        latest_checkpoint,
+    )
+
+    validate(margs, dargs, mthd, targs)
+
+    # Output directory: refuse to clobber, resume when asked (or when checkpoints are there)
+    out = Path(targs.output_dir)
+    resume_from = None
+    if mthd.resume and mthd.resume != "auto":
+        resume_from = mthd.resume
+    elif not mthd.overwrite and (mthd.resume == "auto" or latest_checkpoint(out)):
+        resume_from = latest_checkpoint(out)
+        if mthd.resume == "auto" and resume_from is None:
+            raise UserError(f"--resume auto: no checkpoint-N folder in {out}")
+    if resume_from and not Path(resume_from).is_dir():
+        raise UserError(f"--resume: {resume_from} is not a checkpoint directory")
+    prepare_output_dir(out, overwrite=mthd.overwrite, resume=resume_from is not None)
+    if resume_from:
+        logger.info(f"resuming from {resume_from}")
+
+    # Dataset records
+    train_records, train_roots = load_split(dargs.data, dargs.image_folder)
+    if dargs.max_train_samples:
+        train_records, train_roots = train_records[: dargs.max_train_samples], train_roots[: dargs.max_train_samples]
+    val_records, val_roots = load_split(dargs.val_data, dargs.image_folder) if dargs.val_data else ([], [])
+
+    # Model: turn --model into a llava-hf directory or hub id, then load (quantized for QLoRA)
+    base_dir = out / "base_model"
+    texts = loader.collect_texts(train_records + val_records)
+    if margs.model == "tiny" or margs.model == "compose" or mthd.smoke:
+        if not (base_dir / "config.json").is_file():  # resuming reuses the very same base (and tokenizer)
+            if margs.model == "tiny":
+                build_tiny(texts, base_dir)
+            elif mthd.smoke:
+                build_smoke(margs.model if margs.model != "compose" else margs.language_model, base_dir, texts)
+            else:
+                loader.compose_llava(
+                    margs.vision_model, margs.language_model, base_dir, margs.projector,
+                    margs.vision_feature_layer, margs.vision_feature_select_strategy, margs.trust_remote_code,
+                )
+        base_ref = str(base_dir.resolve())
+    else:
+        base_ref = margs.model
+    dtype = loader.resolve_dtype(margs.dtype, targs.use_cpu)
+    quant = None
+    if mthd.stage == "finetune" and mthd.method == "qlora":
+        cdtype = dtype if mthd.bnb_4bit_compute_dtype == "auto" else loader.resolve_dtype(mthd.bnb_4bit_compute_dtype)
+        quant = loader.quantization_kwargs(mthd.bits, mthd.bnb_4bit_quant_type, mthd.bnb_4bit_use_double_quant, cdtype)
+    model, processor = loader.load_base(
+        base_ref, dtype, quantization=quant, trust_remote_code=margs.trust_remote_code,
+        attn_implementation=margs.attn_implementation,
+    )
+    if margs.pretrained_projector:
+        state = loader.projector_state(margs.pretrained_projector)
+        model.model.multi_modal_projector.load_state_dict(state)
+        logger.info(f"loaded stage-1 projector from {margs.pretrained_projector}")
+    model = loader.apply_method(model, mthd.stage, mthd.method, mthd, targs.gradient_checkpointing or False)
+    logger.info(loader.parameter_summary(model))
+
+    # Tokenize, mask and self-check before any training step
+    template = "plain" if mthd.stage == "pretrain" else dargs.template
+    encoder = Encoder(processor, template=template, max_length=dargs.max_length, truncation=dargs.truncation)
+    train_ds = LlavaDataset(train_records, encoder, train_roots, name="train")
+    val_ds = LlavaDataset(val_records, encoder, val_roots, name="validation") if val_records else None
+    for ds in (train_ds, val_ds):
+        if ds is None:
+            continue
+        logger.info(ds.report())
+        if len(ds) == 0:
+            raise UserError(f"{ds.name}: no usable samples ({ds.report()})")
+        bad = len(ds.masking_problems) / len(ds)
+        if bad > dargs.max_masking_failures:
+            ref, why = ds.masking_problems[0]
+            raise UserError(
+                f"{ds.name}: masking self-check failed on {len(ds.masking_problems)}/{len(ds)} samples (e.g. {ref}: "
+                f"{why}); training would learn from the wrong tokens. Check --template against the model"
+            )
+
+    # Training arguments that depend on what we just learned
+    changes = {}
+    if val_ds is None and targs.eval_strategy != "no":
+        changes["eval_strategy"] = "no"
+    if mthd.zero:
+        changes["deepspeed"] = deepspeed_config(mthd.zero)
+    if mthd.smoke:
+        changes.update(max_steps=3, save_strategy="no", eval_strategy="no")
+    if targs.report_to and "tensorboard" in targs.report_to:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            logger.warning("tensorboard is not installed (pip install 'llavatune[tensorboard]'); logging to metrics.jsonl only")
+            changes["report_to"] = [r for r in targs.report_to if r != "tensorboard"] or "none"
+    if changes:
+        targs = dataclasses.replace(targs, **changes)
+
+    config_path = out / CONFIG_FILE
+    if targs.process_index == 0:
+        save_resolved(config_path, {"model": margs, "data": dargs, "method": mthd, "training": targs})
+    meta = {
+        "base_model": base_ref,
+        "stage": mthd.stage,
+        "method": mthd.method if mthd.stage == "finetune" else "projector",
+        "template": template,
+        "max_length": dargs.max_length,
+    }
+    if quant:
+        meta["quantization"] = {"bits": mthd.bits, "quant_type": mthd.bnb_4bit_quant_type,
+                                "double_quant": mthd.bnb_4bit_use_double_quant}
+
+    trainer = LlavaTrainer(
+        model=model,
+        args=targs,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
+        callbacks=[
+            CheckpointCallback(processor, meta, config_path, model.config),
+            MetricsJsonlCallback(out / "metrics.jsonl"),
+        ],
+        projector_lr=mthd.projector_lr,
+        vision_lr=mthd.vision_lr,
+        lengths=train_ds.lengths,
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    # Final weights (adapter or full model) + everything needed to load them alone
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        finish_checkpoint(out, processor, meta, config_path, model.config)
+        logger.info(f"done: weights, processor and config in {out}")
+    del torch  # only imported to fail early if missing
+    return out
+
+
+def main(argv: list[str], prog: str) -> int:
+    margs, dargs, mthd, targs = parse_config(SECTIONS, argv, prog=prog, description=__doc__.split("\n\n")[0])
+    train(margs, dargs, mthd, targs)
+    return 0

@@ -1,0 +1,143 @@
+"""Options of ``llavatune train``: model, data, method, and HF ``TrainingArguments`` (with LLaVA defaults).
+
+Every field is a flag (``--lora_r 64``) and a YAML key (``lora_r: 64``); docstrings are the help.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from transformers import TrainingArguments
+
+from llavatune.config import ConfigError, config
+
+
+@config
+class ModelArgs:
+    model: str = "tiny"
+    """What to train: 'tiny' (built-in tiny random LLaVA), a llava-hf hub id (llava-hf/llava-1.5-7b-hf), a local
+    llava-hf directory, or 'compose' to build a new LLaVA from --vision_model and --language_model."""
+    vision_model: Optional[str] = None
+    """With --model compose: the vision encoder (CLIP or SigLIP; hub id or local path), e.g.
+    openai/clip-vit-large-patch14-336."""
+    language_model: Optional[str] = None
+    """With --model compose: the causal LM (hub id or local path), e.g. lmsys/vicuna-7b-v1.5."""
+    projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    """With --model compose: projector type. 'linear' is stored as llava-hf's two-layer projector with an identity
+    activation, so stock transformers still loads it."""
+    vision_feature_layer: int = -2
+    """With --model compose: which vision-tower layer feeds the projector (LLaVA-1.5 uses -2)."""
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    """With --model compose: 'default' drops the CLS token (LLaVA-1.5), 'full' keeps it."""
+    pretrained_projector: Optional[str] = None
+    """A stage-1 output (directory or .safetensors file) whose multi_modal_projector weights are loaded before
+    training: the usual start of stage 2 on a composed model."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weights dtype. 'auto': bfloat16 on a GPU that supports it, else float32 (CPU)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub to run. Off by default; turn on only for repositories you trust."""
+    attn_implementation: Optional[str] = None
+    """Attention kernel passed to from_pretrained (sdpa, eager, flash_attention_2). Default: transformers' choice."""
+
+
+@config
+class DataArgs:
+    data: Optional[str] = None
+    """Training data: LLaVA-format .json/.jsonl (or messages format). Image paths resolve relative to this file's
+    folder unless --image_folder is given."""
+    val_data: Optional[str] = None
+    """Validation data (same formats), used for validation loss and VQA accuracy between epochs."""
+    image_folder: Optional[str] = None
+    """Folder that image paths are relative to (default: the folder of each data file)."""
+    template: Literal["auto", "vicuna_v1", "llava_llama_2", "plain", "chatml"] = "auto"
+    """Prompt template. 'auto': the processor's chat template if it has one, else vicuna_v1. Stage 'pretrain' always
+    uses 'plain'."""
+    max_length: int = 2048
+    """Maximum tokens per sample, image tokens included."""
+    truncation: Literal["drop", "truncate"] = "drop"
+    """Over-length samples: 'drop' them (counted and reported) or 'truncate' their text tail (never through image
+    tokens)."""
+    max_train_samples: Optional[int] = None
+    """Use only the first N training samples (quick experiments)."""
+    max_masking_failures: float = 0.05
+    """Abort before training if more than this fraction of samples fail the masking self-check (labels that do not
+    decode back to the answer text)."""
+
+
+@config
+class MethodArgs:
+    stage: Literal["pretrain", "finetune"] = "finetune"
+    """'pretrain' (stage 1): train the projector only on captions, with the 'plain' template. 'finetune' (stage 2):
+    train projector + LLM, vision tower frozen unless --train_vision says otherwise."""
+    method: Literal["lora", "qlora", "full"] = "lora"
+    """How the LLM is trained in stage 'finetune': LoRA adapters, QLoRA (LLM quantized with bitsandbytes, LoRA on
+    top), or full fine-tuning."""
+    bits: Literal[4, 8] = 4
+    """With --method qlora: quantize the LLM to 4-bit NF4 (default) or 8-bit."""
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """With --method qlora: 4-bit quantization type."""
+    bnb_4bit_use_double_quant: bool = True
+    """With --method qlora: quantize the quantization constants too (saves ~0.4 bits/param)."""
+    bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """With --method qlora: dtype of the matmuls on dequantized weights ('auto': the training precision)."""
+    lora_r: int = 128
+    """LoRA rank (LLaVA-1.5 task LoRA: 128)."""
+    lora_alpha: int = 256
+    """LoRA alpha (LLaVA-1.5 task LoRA: 256)."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    lora_target_modules: Optional[str] = None
+    """Comma-separated module names to adapt. Default: every linear layer of the LLM (not the vision tower, not the
+    projector, not lm_head)."""
+    train_vision: Literal["frozen", "full", "lora"] = "frozen"
+    """Vision tower in stage 'finetune': frozen (LLaVA default), trained fully, or with LoRA."""
+    projector_lr: Optional[float] = None
+    """Learning rate of the projector (default: --learning_rate). LLaVA's task LoRA recipe uses 2e-5."""
+    vision_lr: Optional[float] = None
+    """Learning rate of the vision tower when it trains (default: --learning_rate)."""
+    zero: Optional[str] = None
+    """DeepSpeed: 'zero2', 'zero3', 'zero3_offload' (configs shipped with llavatune) or a path to a DeepSpeed JSON.
+    Launch with torchrun / accelerate launch / deepspeed for several GPUs."""
+    smoke: bool = False
+    """Smoke test: swap in a tiny model of the same families and run a few steps end to end, to catch data and
+    config bugs before renting a GPU."""
+    overwrite: bool = False
+    """Replace a non-empty --output_dir (default: refuse)."""
+    resume: Optional[str] = None
+    """Resume training: a checkpoint directory, or 'auto' for the latest checkpoint in --output_dir. A non-empty
+    --output_dir with checkpoints is resumed automatically when --resume is not given and --overwrite is off."""
+
+    def __post_init__(self):
+        if self.lora_r <= 0:
+            raise ConfigError(f"--lora_r: must be positive, got {self.lora_r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class LlavaTrainingArguments(TrainingArguments):
+    """HF TrainingArguments with LLaVA-recipe defaults (stage-2 LoRA: lr 2e-4, cosine, warmup 3 %, no decay)."""
+
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Where checkpoints, logs and reports go."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (LLaVA LoRA: 2e-4)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Training epochs."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(
+        default=0.03, metadata={"help": "Warmup: steps (int) or a fraction of all steps in [0, 1) (LLaVA: 0.03)."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (LLaVA: 0)."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint: epoch, steps or no."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate (needs --val_data)."})
+    report_to: Optional[str] = field(
+        default="tensorboard", metadata={"help": "tensorboard (default), wandb, all or none."}
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns (required)."})
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={"help": "random, sequential or group_by_length (lengths count image tokens)."},
+    )
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Workers that load and preprocess images."})
+    use_cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is present."})
