@@ -27,19 +27,45 @@ IGNORE_INDEX = -100
 logger = logging.getLogger("llavatune")
 
 
-def image_tokens_per_image(processor) -> int:
-    """Number of ``<image>`` token positions one image occupies for a (LLaVA-1.5 style) processor.
+def _size_hw(size: Any) -> tuple[int, int]:
+    def get(key):
+        if size is None:
+            return None
+        if isinstance(size, dict):
+            return size.get(key)
+        return getattr(size, key, None)
 
-    ``(H/patch) * (W/patch) + num_additional_image_tokens``, minus 1 for the "default" feature-select
-    strategy (which drops CLS), exactly as ``LlavaProcessor`` expands the placeholder.
+    if isinstance(size, int):
+        return size, size
+    h, w = get("height"), get("width")
+    if h and w:
+        return int(h), int(w)
+    edge = get("shortest_edge")
+    if edge:
+        return int(edge), int(edge)
+    raise ValueError(f"cannot tell the image size from {size!r}")
+
+
+def image_tokens_per_image(processor: Any) -> int:
+    """Number of ``<image>`` token positions one image takes in the sequence (LLaVA-1.5-style processors).
+
+    ``(crop_h // patch_size) * (crop_w // patch_size) + num_additional_image_tokens``, minus 1 when
+    ``vision_feature_select_strategy == "default"`` (the CLS feature is dropped), from the image processor's
+    ``crop_size`` (or ``size``). This is exactly how ``LlavaProcessor`` expands the placeholder. Processors without a ``patch_size`` that expose
+    ``image_seq_length`` (e.g. PaliGemma) use that. Raises ``ValueError`` when it cannot tell (dynamic-resolution
+    processors, a bare tokenizer).
     """
-    ip = processor.image_processor
-    crop = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {}
-    crop = dict(crop) if not isinstance(crop, dict) else crop
-    h = crop.get("height") or crop.get("shortest_edge")
-    w = crop.get("width") or crop.get("shortest_edge")
-    n = (h // processor.patch_size) * (w // processor.patch_size) + (processor.num_additional_image_tokens or 0)
-    if processor.vision_feature_select_strategy == "default":
+    patch = getattr(processor, "patch_size", None)
+    image_processor = getattr(processor, "image_processor", None)
+    if not patch or image_processor is None:
+        n = getattr(processor, "image_seq_length", None)
+        if isinstance(n, int) and n > 0:
+            return n
+        raise ValueError(f"{type(processor).__name__} has no patch_size/image processor to count image tokens from")
+    size = getattr(image_processor, "crop_size", None) or getattr(image_processor, "size", None)
+    h, w = _size_hw(size)
+    n = (h // patch) * (w // patch) + int(getattr(processor, "num_additional_image_tokens", 0) or 0)
+    if getattr(processor, "vision_feature_select_strategy", None) == "default":
         n -= 1
     return n
 
@@ -105,7 +131,7 @@ class Encoder:
     def prompt_ids(self, turns: list[Turn]) -> list[int]:
         """Token ids of the prompt for generating the next assistant turn (``turns`` ends with human)."""
         ids = list(self.bos)
-        for text, supervised in self.segmenter(turns, self.eos, True):
+        for text, _ in self.segmenter(turns, self.eos, True):
             ids += self._ids(text)
         return ids
 

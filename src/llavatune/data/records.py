@@ -188,10 +188,10 @@ def read_json_objects(path: str | os.PathLike) -> list[Any]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise DataError(p, None, None, f"invalid UTF-8 at byte {e.start} (line {line}); re-save the file as UTF-8")
+        raise DataError(p, None, None, f"invalid UTF-8 at byte {e.start} (line {line}); re-save the file as UTF-8") from None
     if p.suffix == ".jsonl":
         objs = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit in strings
             if not line.strip():
                 continue
             try:

@@ -84,6 +84,28 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrain
 
     validate(margs, dargs, mthd, targs)
 
+    # Training arguments that depend on the options above. Set before the model loads: with ZeRO-3 the
+    # DeepSpeed config must exist when from_pretrained runs so the weights are partitioned as they load.
+    changes = {}
+    if not dargs.val_data and targs.eval_strategy != "no":
+        changes["eval_strategy"] = "no"
+    if mthd.zero:
+        changes["deepspeed"] = deepspeed_config(mthd.zero)
+        if not torch.cuda.is_available():
+            # accelerate sets up DeepSpeed's world only through a GPU backend; on CPU-only machines it needs
+            # use_cpu to pick gloo (else every rank believes it is alone and no data is sharded).
+            changes["use_cpu"] = True
+    if mthd.smoke:
+        changes.update(max_steps=3, save_strategy="no", eval_strategy="no")
+    if targs.report_to and "tensorboard" in targs.report_to:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            logger.warning("tensorboard is not installed (pip install 'llavatune[tensorboard]'); logging to metrics.jsonl only")
+            changes["report_to"] = [r for r in targs.report_to if r != "tensorboard"] or "none"
+    if changes:
+        targs = dataclasses.replace(targs, **changes)
+
     # Output directory: refuse to clobber, resume when asked (or when checkpoints are there)
     out = Path(targs.output_dir)
     resume_from = None
@@ -95,7 +117,11 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrain
             raise UserError(f"--resume auto: no checkpoint-N folder in {out}")
     if resume_from and not Path(resume_from).is_dir():
         raise UserError(f"--resume: {resume_from} is not a checkpoint directory")
-    prepare_output_dir(out, overwrite=mthd.overwrite, resume=resume_from is not None)
+    if out.is_dir() and any(out.iterdir()) and not (mthd.overwrite or resume_from):
+        prepare_output_dir(out)  # raises the "exists and is not empty" error, on every rank alike
+    with targs.main_process_first(desc="output directory"):
+        if targs.process_index == 0:
+            prepare_output_dir(out, overwrite=mthd.overwrite, resume=resume_from is not None)
     if resume_from:
         logger.info(f"resuming from {resume_from}")
 
@@ -109,16 +135,18 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrain
     base_dir = out / "base_model"
     texts = loader.collect_texts(train_records + val_records)
     if margs.model == "tiny" or margs.model == "compose" or mthd.smoke:
-        if not (base_dir / "config.json").is_file():  # resuming reuses the very same base (and tokenizer)
-            if margs.model == "tiny":
-                build_tiny(texts, base_dir)
-            elif mthd.smoke:
-                build_smoke(margs.model if margs.model != "compose" else margs.language_model, base_dir, texts)
-            else:
-                loader.compose_llava(
-                    margs.vision_model, margs.language_model, base_dir, margs.projector,
-                    margs.vision_feature_layer, margs.vision_feature_select_strategy, margs.trust_remote_code,
-                )
+        with targs.main_process_first(desc="build base model"):
+            # resuming reuses the very same base (and tokenizer)
+            if targs.process_index == 0 and not (base_dir / "config.json").is_file():
+                if margs.model == "tiny":
+                    build_tiny(texts, base_dir)
+                elif mthd.smoke:
+                    build_smoke(margs.model if margs.model != "compose" else margs.language_model, base_dir, texts)
+                else:
+                    loader.compose_llava(
+                        margs.vision_model, margs.language_model, base_dir, margs.projector,
+                        margs.vision_feature_layer, margs.vision_feature_select_strategy, margs.trust_remote_code,
+                    )
         base_ref = str(base_dir.resolve())
     else:
         base_ref = margs.model
@@ -157,23 +185,6 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrain
                 f"{why}); training would learn from the wrong tokens. Check --template against the model"
             )
 
-    # Training arguments that depend on what we just learned
-    changes = {}
-    if val_ds is None and targs.eval_strategy != "no":
-        changes["eval_strategy"] = "no"
-    if mthd.zero:
-        changes["deepspeed"] = deepspeed_config(mthd.zero)
-    if mthd.smoke:
-        changes.update(max_steps=3, save_strategy="no", eval_strategy="no")
-    if targs.report_to and "tensorboard" in targs.report_to:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            logger.warning("tensorboard is not installed (pip install 'llavatune[tensorboard]'); logging to metrics.jsonl only")
-            changes["report_to"] = [r for r in targs.report_to if r != "tensorboard"] or "none"
-    if changes:
-        targs = dataclasses.replace(targs, **changes)
-
     config_path = out / CONFIG_FILE
     if targs.process_index == 0:
         save_resolved(config_path, {"model": margs, "data": dargs, "method": mthd, "training": targs})
@@ -210,7 +221,6 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrain
     if trainer.is_world_process_zero():
         finish_checkpoint(out, processor, meta, config_path, model.config)
         logger.info(f"done: weights, processor and config in {out}")
-    del torch  # only imported to fail early if missing
     return out
 
 
