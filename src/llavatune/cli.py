@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("llavatune.data.prepare", "convert OK-VQA / VQAv2 / CSV / JSONL / local HF datasets to LLaVA JSON"),
     "check": ("llavatune.data.check", "validate a dataset (images, records, placeholders, lengths) and report"),
     "train": ("llavatune.train.run", "train: stage 1 projector pretraining or stage 2 LoRA / QLoRA / full fine-tuning"),
+    "eval": ("llavatune.eval.evaluate", "generate answers for a dataset with any checkpoint and score them (VQA accuracy)"),
     "score": ("llavatune.eval.score", "VQA accuracy of predictions against official VQA / OK-VQA annotations"),
 }
 

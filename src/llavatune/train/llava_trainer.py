@@ -23,12 +23,57 @@ logger = logging.getLogger("llavatune")
 
 
 class LlavaTrainer(Trainer):
+    """``Trainer`` + per-module learning rates, image-aware length grouping, and generation-based metrics.
+
+    ``generation_eval(model) -> {"vqa_accuracy": ..., ...}`` runs inside every evaluation, so its metrics
+    arrive with ``eval_loss`` in the same log record: TensorBoard/W&B, ``metrics.jsonl``, best-checkpoint
+    selection (``metric_for_best_model``) and early stopping all see them.
+    """
+
     def __init__(self, *args, projector_lr: float | None = None, vision_lr: float | None = None,
-                 lengths: list[int] | None = None, **kwargs):
+                 lengths: list[int] | None = None, generation_eval=None, overfit_patience: int = 2, **kwargs):
         self.projector_lr = projector_lr
         self.vision_lr = vision_lr
         self.lengths = lengths
+        self.generation_eval = generation_eval
+        self.overfit_patience = overfit_patience
+        self._eval_history: list[tuple[int, float, float | None]] = []  # (step, eval_loss, mean train loss)
         super().__init__(*args, **kwargs)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if metric_key_prefix != "eval":
+            return output
+        if self.generation_eval is not None:
+            for k, v in self.generation_eval(self.model).items():
+                output.metrics[f"{metric_key_prefix}_{k}"] = v
+        loss = output.metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None:
+            output.metrics[f"{metric_key_prefix}_overfitting"] = float(self._overfitting(loss))
+        return output
+
+    def _overfitting(self, eval_loss: float) -> bool:
+        """Validation loss rose ``overfit_patience`` evaluations in a row while training loss fell."""
+        last_step = self._eval_history[-1][0] if self._eval_history else -1
+        recent = [h["loss"] for h in self.state.log_history if "loss" in h and h.get("step", 0) > last_step]
+        train_loss = sum(recent) / len(recent) if recent else None
+        self._eval_history.append((self.state.global_step, eval_loss, train_loss))
+        k = self.overfit_patience
+        if len(self._eval_history) <= k:
+            return False
+        window = self._eval_history[-(k + 1):]
+        val_up = all(b[1] > a[1] for a, b in zip(window, window[1:]))
+        trains = [w[2] for w in window]
+        train_down = None not in trains and all(b < a for a, b in zip(trains, trains[1:]))
+        if val_up and train_down:
+            logger.warning(
+                f"overfitting: validation loss rose for {k} evaluations in a row "
+                f"({' -> '.join(f'{w[1]:.4f}' for w in window)}) while training loss fell; "
+                "consider fewer epochs, a lower learning rate, or --early_stopping_patience"
+            )
+            return True
+        return False
 
     def create_optimizer(self, model=None):
         """AdamW (or ``--optim``) with separate learning rates for projector and vision tower."""

@@ -20,12 +20,12 @@ from pathlib import Path
 from llavatune.config import ConfigError, parse_config, save_resolved
 from llavatune.data.encode import Encoder, LlavaCollator, LlavaDataset
 from llavatune.data.records import Record, load_records, normalize_image_placement
-from llavatune.train.train_config import DataArgs, LlavaTrainingArguments, MethodArgs, ModelArgs
+from llavatune.train.train_config import DataArgs, EvalArgs, LlavaTrainingArguments, MethodArgs, ModelArgs
 from llavatune.utils import UserError, prepare_output_dir
 
 logger = logging.getLogger("llavatune")
 CONFIG_FILE = "llavatune_config.yaml"
-SECTIONS = (ModelArgs, DataArgs, MethodArgs, LlavaTrainingArguments)
+SECTIONS = (ModelArgs, DataArgs, MethodArgs, EvalArgs, LlavaTrainingArguments)
 
 
 def deepspeed_config(zero: str) -> str:
@@ -38,7 +38,8 @@ def deepspeed_config(zero: str) -> str:
     return str(shipped)
 
 
-def validate(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrainingArguments) -> None:
+def validate(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
+             targs: LlavaTrainingArguments) -> None:
     """Reject incompatible options before anything heavy runs."""
     if not dargs.data:
         raise ConfigError("--data: training data is required (a LLaVA-format .json/.jsonl)")
@@ -61,6 +62,10 @@ def validate(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTr
         logger.info("stage pretrain trains the projector only; --method is ignored")
     if dargs.max_length < 16:
         raise ConfigError(f"--max_length: {dargs.max_length} is too small")
+    if eargs.early_stopping_patience is not None and not dargs.val_data:
+        raise ConfigError("--early_stopping_patience needs --val_data")
+    if targs.metric_for_best_model and not dargs.val_data:
+        raise ConfigError("--metric_for_best_model needs --val_data")
 
 
 def load_split(path: str, image_folder: str | None) -> tuple[list[Record], list[Path]]:
@@ -69,7 +74,8 @@ def load_split(path: str, image_folder: str | None) -> tuple[list[Record], list[
     return records, [root] * len(records)
 
 
-def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrainingArguments) -> Path:
+def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
+          targs: LlavaTrainingArguments) -> Path:
     import torch
 
     from llavatune.model import loader
@@ -82,7 +88,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrain
         latest_checkpoint,
     )
 
-    validate(margs, dargs, mthd, targs)
+    validate(margs, dargs, mthd, eargs, targs)
 
     # Training arguments that depend on the options above. Set before the model loads: with ZeRO-3 the
     # DeepSpeed config must exist when from_pretrained runs so the weights are partitioned as they load.
@@ -95,8 +101,16 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrain
             # accelerate sets up DeepSpeed's world only through a GPU backend; on CPU-only machines it needs
             # use_cpu to pick gloo (else every rank believes it is alone and no data is sharded).
             changes["use_cpu"] = True
+    if dargs.val_data and targs.eval_strategy != "no":
+        # Best checkpoint by the task metric, restored at the end (HF needs a metric and matching strategies).
+        gen = eargs.generation_eval and mthd.stage == "finetune"
+        metric = targs.metric_for_best_model or ("vqa_accuracy" if gen else "loss")
+        changes["metric_for_best_model"] = metric
+        changes["greater_is_better"] = "loss" not in metric
+        if targs.load_best_model_at_end is None:
+            changes["load_best_model_at_end"] = targs.save_strategy == targs.eval_strategy
     if mthd.smoke:
-        changes.update(max_steps=3, save_strategy="no", eval_strategy="no")
+        changes.update(max_steps=3, save_strategy="no", eval_strategy="no", load_best_model_at_end=False)
     if targs.report_to and "tensorboard" in targs.report_to:
         try:
             import tensorboard  # noqa: F401
@@ -104,7 +118,10 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrain
             logger.warning("tensorboard is not installed (pip install 'llavatune[tensorboard]'); logging to metrics.jsonl only")
             changes["report_to"] = [r for r in targs.report_to if r != "tensorboard"] or "none"
     if changes:
-        targs = dataclasses.replace(targs, **changes)
+        try:
+            targs = dataclasses.replace(targs, **changes)
+        except ValueError as e:  # TrainingArguments' own consistency checks
+            raise ConfigError(str(e)) from None
 
     # Output directory: refuse to clobber, resume when asked (or when checkpoints are there)
     out = Path(targs.output_dir)
@@ -187,7 +204,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrain
 
     config_path = out / CONFIG_FILE
     if targs.process_index == 0:
-        save_resolved(config_path, {"model": margs, "data": dargs, "method": mthd, "training": targs})
+        save_resolved(config_path, {"model": margs, "data": dargs, "method": mthd, "eval": eargs, "training": targs})
     meta = {
         "base_model": base_ref,
         "stage": mthd.stage,
@@ -199,6 +216,27 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrain
         meta["quantization"] = {"bits": mthd.bits, "quant_type": mthd.bnb_4bit_quant_type,
                                 "double_quant": mthd.bnb_4bit_use_double_quant}
 
+    generation_eval = None
+    if val_ds is not None and eargs.generation_eval and mthd.stage == "finetune":
+        from llavatune.eval.evaluate import EvalSet, make_generation_eval
+
+        subset = val_records[: eargs.eval_max_samples] if eargs.eval_max_samples else val_records
+        eset = EvalSet.from_records(subset, val_roots[0])
+        zero3 = bool(targs.deepspeed) and "zero3" in str(mthd.zero)
+        stop = tuple(x for x in (eargs.eval_stop or "").split(",") if x)
+        generation_eval = make_generation_eval(
+            encoder, eset, targs.per_device_eval_batch_size, eargs.eval_max_new_tokens, stop, out,
+            step_fn=lambda: trainer.state.global_step, shown=eargs.eval_predictions_shown, synced_gpus=zero3,
+        )
+    callbacks = [
+        CheckpointCallback(processor, meta, config_path, model.config),
+        MetricsJsonlCallback(out / "metrics.jsonl"),
+    ]
+    if eargs.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=eargs.early_stopping_patience))
+
     trainer = LlavaTrainer(
         model=model,
         args=targs,
@@ -206,13 +244,12 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrain
         eval_dataset=val_ds,
         data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
         processing_class=processor,
-        callbacks=[
-            CheckpointCallback(processor, meta, config_path, model.config),
-            MetricsJsonlCallback(out / "metrics.jsonl"),
-        ],
+        callbacks=callbacks,
         projector_lr=mthd.projector_lr,
         vision_lr=mthd.vision_lr,
         lengths=train_ds.lengths,
+        generation_eval=generation_eval,
+        overfit_patience=eargs.overfit_patience,
     )
     trainer.train(resume_from_checkpoint=resume_from)
 
@@ -225,6 +262,6 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, targs: LlavaTrain
 
 
 def main(argv: list[str], prog: str) -> int:
-    margs, dargs, mthd, targs = parse_config(SECTIONS, argv, prog=prog, description=__doc__.split("\n\n")[0])
-    train(margs, dargs, mthd, targs)
+    margs, dargs, mthd, eargs, targs = parse_config(SECTIONS, argv, prog=prog, description=__doc__.split("\n\n")[0])
+    train(margs, dargs, mthd, eargs, targs)
     return 0

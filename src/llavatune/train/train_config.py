@@ -115,6 +115,26 @@ class MethodArgs:
             raise ConfigError(f"--lora_dropout: must be in [0, 1), got {self.lora_dropout}")
 
 
+@config
+class EvalArgs:
+    generation_eval: bool = True
+    """At every evaluation, also generate answers on the validation set and compute VQA accuracy (or exact match),
+    not only the teacher-forced validation loss."""
+    eval_max_samples: Optional[int] = 200
+    """Generate on at most this many validation samples (a fixed subset, the first N) per evaluation; 0 for all."""
+    eval_max_new_tokens: int = 16
+    """Maximum tokens generated per validation answer."""
+    eval_stop: Optional[str] = None
+    """Comma-separated stop strings for validation answers."""
+    early_stopping_patience: Optional[int] = None
+    """Stop when --metric_for_best_model has not improved for this many evaluations (default: never stop early)."""
+    overfit_patience: int = 2
+    """Warn about overfitting when validation loss rises for this many evaluations in a row while training loss
+    falls."""
+    eval_predictions_shown: int = 3
+    """Sample predictions printed at each evaluation."""
+
+
 @dataclass
 class LlavaTrainingArguments(TrainingArguments):
     """HF TrainingArguments with LLaVA-recipe defaults (stage-2 LoRA: lr 2e-4, cosine, warmup 3 %, no decay)."""
@@ -141,3 +161,13 @@ class LlavaTrainingArguments(TrainingArguments):
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "Workers that load and preprocess images."})
     use_cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is present."})
+    load_best_model_at_end: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Restore the best checkpoint (by --metric_for_best_model) at the end. Default: yes when "
+                          "there is --val_data."},
+    )
+    metric_for_best_model: Optional[str] = field(
+        default=None,
+        metadata={"help": "Metric that picks the best checkpoint: vqa_accuracy (default with --generation_eval), "
+                          "exact_match, token_f1 or loss."},
+    )

@@ -1,0 +1,214 @@
+"""``llavatune eval --model CKPT --data DATA [--out DIR]`` — generate answers in batches and score them.
+
+    llavatune eval --model runs/okvqa/checkpoint-500 --data prepared/val/data.json --out runs/okvqa/eval
+
+Any checkpoint works: a final or intermediate adapter checkpoint, a merged model, a llava-hf model.
+A record is scored with VQA accuracy against its ``answers`` (as ``prepare okvqa`` keeps them) when it
+has them, else by exact match against its last gpt turn. Writes ``predictions.jsonl`` and
+``metrics.json`` (``vqa_accuracy`` in percent, 0-100, like the official evaluator). The same code runs
+between epochs during ``train`` (``LlavaTrainer.evaluation_loop``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from llavatune.config import config, parse_config
+from llavatune.data.encode import Encoder
+from llavatune.data.records import Record, load_records, normalize_image_placement
+from llavatune.eval.score import aggregate
+from llavatune.eval.vqa_metric import exact_match, token_f1, vqa_score
+from llavatune.infer.generate import Query, generate, split_for_eval
+from llavatune.utils import UserError, atomic_write_json, atomic_write_jsonl, resolve_under
+
+logger = logging.getLogger("llavatune")
+
+
+@dataclass
+class EvalSet:
+    """Records ready for generation: prompts, image files and references."""
+
+    records: list[Record]
+    queries: list[Query]
+    references: list[str | None]
+
+    @classmethod
+    def from_records(cls, records: list[Record], image_root: Path) -> EvalSet:
+        queries, refs = [], []
+        for r in records:
+            turns, ref = split_for_eval(r)
+            if not turns or turns[-1].role != "human":
+                raise UserError(f"record {r.ref}: nothing to answer (the conversation does not end with a question)")
+            images = [resolve_under(image_root, p) for p in r.images]
+            queries.append(Query(turns, images, r.ref))
+            refs.append(ref)
+        return cls(records, queries, refs)
+
+
+def score_record(rec: Record, prediction: str, reference: str | None, stem: bool = False) -> dict[str, Any]:
+    answers = rec.extra.get("answers")
+    row: dict[str, Any] = {}
+    if isinstance(answers, list) and answers:
+        answers = [a if isinstance(a, str) else str(a.get("answer", "")) for a in answers]
+        row["score"] = vqa_score(prediction, answers, stem=stem)
+        row["scored_by"] = "vqa"
+    elif reference is not None:
+        row["score"] = exact_match(prediction, reference, stem=stem)
+        row["scored_by"] = "exact_match"
+    else:
+        return row
+    if reference is not None:
+        row["exact_match"] = exact_match(prediction, reference, stem=stem)
+        row["token_f1"] = token_f1(prediction, reference, stem=stem)
+    return row
+
+
+def score_predictions(eset: EvalSet, predictions: list[str], stem: bool = False) -> tuple[list[dict], dict[str, Any]]:
+    """Per-record rows (for predictions.jsonl) and aggregate metrics."""
+    rows, scores, meta = [], {}, {}
+    em, f1 = [], []
+    for rec, pred, ref in zip(eset.records, predictions, eset.references):
+        s = score_record(rec, pred, ref, stem)
+        row = {"id": rec.id, "question": eset.queries[len(rows)].turns[-1].value, "prediction": pred, "reference": ref}
+        for k in ("question_id", "answers", "question_type", "answer_type"):
+            if k in rec.extra:
+                row[k] = rec.extra[k]
+        if rec.images:
+            row["image"] = rec.images[0] if len(rec.images) == 1 else rec.images
+        row.update(s)
+        rows.append(row)
+        if "score" in s:
+            scores[rec.id] = s["score"]
+            meta[rec.id] = {k: rec.extra[k] for k in ("question_type", "answer_type") if k in rec.extra}
+        if "exact_match" in s:
+            em.append(s["exact_match"])
+            f1.append(s["token_f1"])
+    metrics: dict[str, Any] = {"n": len(rows)}
+    if scores:
+        agg = aggregate(scores, meta)
+        metrics.update({k: agg[k] for k in ("vqa_accuracy", "by_question_type", "by_answer_type")})
+        metrics["n_scored"] = agg["n"]
+    if em:
+        metrics["exact_match"] = round(100 * sum(em) / len(em), 2)
+        metrics["token_f1"] = round(100 * sum(f1) / len(f1), 2)
+    return rows, metrics
+
+
+def run_eval(model, encoder: Encoder, eset: EvalSet, batch_size: int = 16, max_new_tokens: int = 16,
+             stop: tuple[str, ...] = (), stem: bool = False, synced_gpus: bool = False,
+             progress: Any = None) -> tuple[list[dict], dict[str, Any]]:
+    preds = generate(model, encoder, eset.queries, batch_size, max_new_tokens, stop, synced_gpus, progress)
+    return score_predictions(eset, preds, stem)
+
+
+@config
+class EvalConfig:
+    model: Optional[str] = None
+    """Checkpoint to evaluate: a training output or checkpoint-N folder (adapter or full), a merged model, or a
+    llava-hf hub id."""
+    data: Optional[str] = None
+    """Evaluation data (LLaVA-format .json/.jsonl, e.g. the output of 'llavatune prepare')."""
+    out: Optional[str] = None
+    """Folder for predictions.jsonl and metrics.json (default: print metrics only)."""
+    image_folder: Optional[str] = None
+    """Folder image paths are relative to (default: the data file's folder)."""
+    base_model: Optional[str] = None
+    """Base model for an adapter checkpoint whose recorded base cannot be found."""
+    batch_size: int = 16
+    """Generation batch size (left-padded, KV cache)."""
+    max_new_tokens: int = 16
+    """Maximum tokens generated per answer."""
+    stop: Optional[str] = None
+    """Comma-separated stop strings: the answer is cut at the first one."""
+    template: Optional[str] = None
+    """Prompt template (default: the one the checkpoint was trained with, else 'auto')."""
+    max_samples: Optional[int] = None
+    """Evaluate only the first N records."""
+    stem: bool = False
+    """Stem predictions and answers before matching (OK-VQA v1.1 answers are stemmed; needs nltk)."""
+    dtype: str = "auto"
+    """Weights dtype: auto, bfloat16, float16 or float32."""
+    overwrite: bool = False
+    """Replace existing predictions/metrics in --out."""
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from llavatune.model.loader import load_checkpoint
+
+    if not cfg.model or not cfg.data:
+        raise UserError("--model and --data are required")
+    if cfg.out and (Path(cfg.out) / "metrics.json").exists() and not cfg.overwrite:
+        raise UserError(f"{cfg.out}/metrics.json exists; pass --overwrite to replace it")
+    records = [normalize_image_placement(r) for r in load_records(cfg.data)]
+    if cfg.max_samples:
+        records = records[: cfg.max_samples]
+    root = Path(cfg.image_folder) if cfg.image_folder else Path(cfg.data).resolve().parent
+    eset = EvalSet.from_records(records, root)
+    model, processor, info = load_checkpoint(cfg.model, dtype=cfg.dtype, base_model=cfg.base_model)
+    encoder = Encoder(processor, template=cfg.template or info.get("template", "auto"),
+                      max_length=info.get("max_length", 4096))
+    stop = tuple(s for s in (cfg.stop or "").split(",") if s)
+    with tqdm(total=len(records), desc="eval", unit="sample") as bar:
+        rows, metrics = run_eval(model, encoder, eset, cfg.batch_size, cfg.max_new_tokens, stop, cfg.stem, progress=bar)
+    metrics = {"model": str(cfg.model), "data": str(cfg.data), **metrics}
+    if cfg.out:
+        out = Path(cfg.out)
+        atomic_write_jsonl(out / "predictions.jsonl", rows)
+        atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    parts = [f"{k} {m[k]:.2f}" for k in ("vqa_accuracy", "exact_match", "token_f1") if k in m]
+    return f"{m['n']} samples: " + ", ".join(parts)
+
+
+def main(argv: list[str], prog: str) -> int:
+    (cfg,) = parse_config([EvalConfig], argv, prog=prog, description=__doc__.split("\n\n")[0])
+    metrics = evaluate(cfg)
+    print(format_metrics(metrics))
+    if cfg.out:
+        print(f"wrote {cfg.out}/predictions.jsonl and {cfg.out}/metrics.json")
+    return 0
+
+
+def make_generation_eval(encoder: Encoder, eset: EvalSet, batch_size: int, max_new_tokens: int,
+                         stop: tuple[str, ...], out_dir: Path, step_fn, shown: int = 3, synced_gpus: bool = False):
+    """The ``generation_eval`` hook of ``LlavaTrainer``: generate on ``eset`` (sharded across ranks, gathered),
+    score, write ``OUT/eval_predictions/step-N.jsonl`` and return the aggregate metrics.
+
+    Every rank gets the same number of samples (the last shard is padded with repeats, dropped after the
+    gather) so that, under ZeRO-3, ranks run ``generate`` in lockstep (``synced_gpus``).
+    """
+    import math
+
+    import torch.distributed as dist
+
+    def run(model) -> dict[str, float]:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        n = len(eset.queries)
+        per = math.ceil(n / world)
+        idx = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
+        preds_local = generate(model, encoder, [eset.queries[i] for i in idx], batch_size, max_new_tokens, stop,
+                               synced_gpus=synced_gpus and world > 1)
+        if world > 1:
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, list(zip(idx, preds_local)))
+            by_index = dict(pair for part in gathered for pair in part)
+        else:
+            by_index = dict(zip(idx, preds_local))
+        preds = [by_index[i] for i in range(n)]
+        rows, metrics = score_predictions(eset, preds)
+        if rank == 0:
+            atomic_write_jsonl(out_dir / "eval_predictions" / f"step-{step_fn()}.jsonl", rows)
+            for r in rows[:shown]:
+                logger.info(f"  [{r['id']}] Q: {r['question'][:80]!r} -> {r['prediction']!r} (reference {r['reference']!r})")
+        return {k: v for k, v in metrics.items() if k in ("vqa_accuracy", "exact_match", "token_f1")}
+
+    return run

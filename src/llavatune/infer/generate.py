@@ -1,0 +1,106 @@
+"""Batched greedy generation for eval, predict and evaluation between epochs.
+
+Prompts are built with the same ``Encoder`` (template segments) as training, so the model sees at
+inference exactly the prefix it learned on. Batches are left-padded (decoder-only generation needs the
+prompt to end at the same position), sorted by prompt length to waste little padding, and decoded with
+the KV cache. The original LLaVA eval loop generates one sample at a time (LLaVA #562, #754).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from llavatune.data.encode import Encoder, LlavaCollator
+from llavatune.data.images import open_image
+from llavatune.data.records import Record, Turn
+
+
+@dataclass
+class Query:
+    """One generation request: the conversation so far (ending with a human turn) and its image files."""
+
+    turns: list[Turn]
+    images: list[Path]
+    ref: str = ""
+
+
+def split_for_eval(rec: Record) -> tuple[list[Turn], str | None]:
+    """Prompt turns (everything before the last answer) and that answer (the reference), for a record."""
+    last = max((i for i, t in enumerate(rec.conversations) if t.role == "gpt"), default=None)
+    if last is None:
+        return list(rec.conversations), None
+    return list(rec.conversations[:last]), rec.conversations[last].value
+
+
+def _cut(text: str, stop: Iterable[str]) -> str:
+    for s in stop:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text.strip()
+
+
+def unwrap(model):
+    """The underlying model of DDP/DeepSpeed wrappers (PEFT wrappers are kept: they generate with LoRA)."""
+    return getattr(model, "module", model)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    encoder: Encoder,
+    queries: list[Query],
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    stop: Iterable[str] = (),
+    synced_gpus: bool = False,
+    progress: Any = None,
+) -> list[str]:
+    """Greedy answers for ``queries`` in their original order."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    tok = encoder.tokenizer
+    collate = LlavaCollator(tok.pad_token_id, padding_side="left")
+    prompts = [encoder.prompt_ids(q.turns) for q in queries]
+    order = sorted(range(len(queries)), key=lambda i: len(prompts[i]))
+    device = next(p for p in model.parameters()).device
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    out: list[str] = [""] * len(queries)
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else None
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            feats = []
+            for i in idx:
+                f: dict[str, Any] = {"input_ids": torch.tensor(prompts[i], dtype=torch.long)}
+                if queries[i].images:
+                    images = [open_image(p) for p in queries[i].images]
+                    f["pixel_values"] = encoder.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+                feats.append(f)
+            batch = collate(feats)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if "pixel_values" in batch:
+                batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            gen = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+                eos_token_id=eos,
+                pad_token_id=tok.pad_token_id,
+                synced_gpus=synced_gpus,
+            )
+            new = gen[:, batch["input_ids"].shape[1] :]
+            for i, row in zip(idx, new):
+                out[i] = _cut(tok.decode(row, skip_special_tokens=True), stop)
+            if progress is not None:
+                progress.update(len(idx))
+    finally:
+        if was_training:
+            model.train()
+    return out
