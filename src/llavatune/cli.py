@@ -71,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
         return 1
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2), already printed on one line
+        return e.code if isinstance(e.code, int) else 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
         return 130

@@ -75,7 +75,8 @@ def load_split(path: str, image_folder: str | None) -> tuple[list[Record], list[
 
 
 def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
-          targs: LlavaTrainingArguments) -> Path:
+          targs: LlavaTrainingArguments, extra_callbacks: tuple = ()):
+    """Run one training job; returns the ``LlavaTrainer`` (its ``model`` is the trained model)."""
     import torch
 
     from llavatune.model import loader
@@ -232,6 +233,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         CheckpointCallback(processor, meta, config_path, model.config),
         MetricsJsonlCallback(out / "metrics.jsonl"),
     ]
+    callbacks += list(extra_callbacks)
     if eargs.early_stopping_patience:
         from transformers import EarlyStoppingCallback
 
@@ -258,7 +260,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     if trainer.is_world_process_zero():
         finish_checkpoint(out, processor, meta, config_path, model.config)
         logger.info(f"done: weights, processor and config in {out}")
-    return out
+    return trainer
 
 
 def main(argv: list[str], prog: str) -> int:

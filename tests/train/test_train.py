@@ -1,0 +1,197 @@
+"""`llavatune train` end to end on the tiny model: what trains, what stays frozen, QLoRA, stages, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration, TrainerCallback
+
+from llavatune.cli import main as cli_main
+from llavatune.config import parse_config
+from llavatune.train.run import SECTIONS, train
+
+FAST = ["--report_to", "none", "--lora_r", "8", "--lora_alpha", "16", "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-2", "--dataloader_num_workers", "0", "--seed", "0"]
+
+
+def run_train(argv: list[str], callbacks=()):
+    sections = parse_config(SECTIONS, [str(a) for a in argv])
+    return train(*sections, extra_callbacks=callbacks)
+
+
+def base_state(out: Path) -> dict[str, torch.Tensor]:
+    base = LlavaForConditionalGeneration.from_pretrained(out / "base_model")
+    return {k: v.detach().clone() for k, v in base.state_dict().items()}
+
+
+def canonical(name: str) -> str | None:
+    """PEFT parameter name -> base model parameter name (None for LoRA/original-copy params)."""
+    if "lora_" in name or "original_module" in name:
+        return None
+    return name.removeprefix("base_model.model.").replace(".base_layer", "").replace(".modules_to_save.default", "")
+
+
+def changed(trained: torch.nn.Module, before: dict[str, torch.Tensor]) -> dict[str, bool]:
+    out = {}
+    for name, p in trained.named_parameters():
+        key = canonical(name)
+        if key is None or key not in before:
+            continue
+        if p.dtype == torch.uint8:  # 4-bit packed weights: compare dequantized
+            continue
+        out[key] = not torch.equal(p.detach().float().cpu(), before[key].float())
+    return out
+
+
+def test_lora_trains_adapter_and_projector_only(shapes, tmp_path):
+    out = tmp_path / "run"
+    trainer = run_train(["--model", "tiny", "--data", shapes["train"], "--output_dir", out, "--max_steps", "3",
+                         "--save_strategy", "no", *FAST])
+    before = base_state(out)
+    diff = changed(trainer.model, before)
+    projector = [k for k in diff if "multi_modal_projector" in k]
+    llm = [k for k in diff if "language_model" in k or k.startswith("lm_head")]
+    vision = [k for k in diff if "vision_tower" in k]
+    assert projector and llm and vision
+    assert all(diff[k] for k in projector), "projector must train fully alongside LoRA"
+    assert not any(diff[k] for k in llm), "base LLM weights must stay frozen"
+    assert not any(diff[k] for k in vision), "vision tower must stay frozen"
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b), "LoRA B starts at zero and must have moved"
+    # LoRA is on every linear layer of the LLM and nowhere else
+    targets = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any("lora_" in n for n, _ in trainer.model.named_parameters() if "vision_tower" in n or "projector" in n)
+    # the final output is self-contained
+    for f in ("adapter_model.safetensors", "adapter_config.json", "llavatune_checkpoint.json",
+              "llavatune_config.yaml", "tokenizer.json", "processor_config.json"):
+        assert (out / f).is_file(), f
+    meta = json.loads((out / "llavatune_checkpoint.json").read_text())
+    assert meta["method"] == "lora" and (out / meta["base_model_relative"]).resolve() == (out / "base_model").resolve()
+
+
+def test_qlora_runs_on_cpu_with_4bit_llm(shapes, tmp_path):
+    import bitsandbytes as bnb
+
+    out = tmp_path / "run"
+    trainer = run_train(["--model", "tiny", "--data", shapes["train"], "--output_dir", out, "--max_steps", "2",
+                         "--save_strategy", "no", "--method", "qlora", *FAST])
+    model = trainer.model
+    kinds = {n: type(m) for n, m in model.named_modules() if n.endswith(("q_proj.base_layer", "down_proj.base_layer"))}
+    assert kinds and all(k is bnb.nn.Linear4bit for k in kinds.values())
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in four_bit)
+    # vision tower, projector and lm_head are never quantized
+    for n, m in model.named_modules():
+        if any(s in n for s in ("vision_tower", "multi_modal_projector", "lm_head")):
+            assert not isinstance(m, bnb.nn.Linear4bit), n
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(x)) for x in losses)
+    meta = json.loads((out / "llavatune_checkpoint.json").read_text())
+    assert meta["method"] == "qlora" and meta["quantization"]["quant_type"] == "nf4"
+
+
+def test_pretrain_trains_projector_only(shapes, tmp_path):
+    out = tmp_path / "stage1"
+    trainer = run_train(["--model", "tiny", "--data", shapes["captions"], "--output_dir", out, "--max_steps", "3",
+                         "--save_strategy", "no", "--stage", "pretrain", *FAST])
+    diff = changed(trainer.model, base_state(out))
+    assert all(v == ("multi_modal_projector" in k) for k, v in diff.items()), [k for k, v in diff.items() if v]
+    # stage-1 output is a full llava-hf model whose projector feeds stage 2
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    out2 = tmp_path / "stage2"
+    trainer2 = run_train(["--model", "tiny", "--data", shapes["train"], "--output_dir", out2, "--max_steps", "1",
+                          "--save_strategy", "no", "--pretrained_projector", out, *FAST])
+    del trainer2  # loading the stage-1 projector into a fresh stage-2 run works
+
+
+def test_full_finetune_trains_llm_not_vision(shapes, tmp_path):
+    out = tmp_path / "run"
+    trainer = run_train(["--model", "tiny", "--data", shapes["train"], "--output_dir", out, "--max_steps", "2",
+                         "--save_strategy", "no", "--method", "full", *FAST])
+    diff = changed(trainer.model, base_state(out))
+    assert any(v for k, v in diff.items() if "language_model.layers" in k)
+    assert not any(v for k, v in diff.items() if "vision_tower" in k)
+
+
+def test_separate_learning_rates(shapes, tmp_path):
+    trainer = run_train(["--model", "tiny", "--data", shapes["train"], "--output_dir", tmp_path / "r", "--max_steps", "1",
+                         "--save_strategy", "no", "--projector_lr", "2e-5", "--lr_scheduler_type", "constant",
+                         "--warmup_steps", "0", *FAST])
+    lrs = sorted({g["lr"] for g in trainer.optimizer.param_groups})
+    assert lrs == [2e-5, 1e-2]
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_resume_reproduces_uninterrupted_run(shapes, tmp_path):
+    args = ["--model", "tiny", "--data", shapes["train"], "--max_steps", "6", "--save_strategy", "steps",
+            "--save_steps", "3", *FAST]
+    full = tmp_path / "full"
+    run_train([*args, "--output_dir", full])
+    part = tmp_path / "part"
+    run_train([*args, "--output_dir", part], callbacks=[StopAt(3)])
+    assert (part / "checkpoint-3" / "optimizer.pt").is_file()
+    assert max(losses(part)) == 3
+    # the same command again resumes automatically from checkpoint-3 (model, optimizer, scheduler, RNG, data)
+    run_train([*args, "--output_dir", part])
+    a, b = losses(full), losses(part)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a, b)
+
+
+def test_refuses_non_empty_output_dir(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    rc = cli_main(["train", "--model", "tiny", "--data", str(shapes["train"]), "--output_dir", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--overwrite" in err and "Traceback" not in err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "./no/such/model"], "does not exist"),
+        (["--method", "qlora", "--zero", "zero3"], "zero2"),
+        (["--zero", "zero9"], "--zero"),
+        (["--method", "dora"], "--method"),
+        (["--lora_r", "0"], "--lora_r"),
+        (["--model", "compose"], "--vision_model"),
+        (["--early_stopping_patience", "2"], "--val_data"),
+    ],
+)
+def test_bad_config_is_a_clear_error_before_training(shapes, tmp_path, capsys, argv, message):
+    rc = cli_main(["train", "--data", str(shapes["train"]), "--output_dir", str(tmp_path / "o"), "--report_to", "none",
+                   *argv])
+    err = capsys.readouterr().err
+    assert rc != 0 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_all_samples_failing_is_an_error(tmp_path, capsys):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"id": "a", "conversations": [{"from": "human", "value": "hi"},
+                                                                {"from": "gpt", "value": "x " * 400}]}]))
+    rc = cli_main(["train", "--model", "tiny", "--data", str(data), "--output_dir", str(tmp_path / "o"),
+                   "--max_length", "64", "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no usable samples" in err
