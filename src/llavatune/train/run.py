@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -68,6 +69,39 @@ def validate(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArg
         raise ConfigError("--metric_for_best_model needs --val_data")
 
 
+@contextmanager
+def zero3_init_disabled():
+    """Build a model on one rank without DeepSpeed's ``zero.Init`` (which expects every rank to take part).
+
+    Only used for writing the tiny/composed base to disk on the main process; loading for training then
+    runs on all ranks with ZeRO-3 partitioning as usual.
+    """
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+def build_base(margs: ModelArgs, mthd: MethodArgs, base_dir: Path, texts: list[str]) -> None:
+    """Write the starting llava-hf model for --model tiny, --model compose or --smoke into ``base_dir``."""
+    from llavatune.model import loader
+    from llavatune.model.tiny import build_smoke, build_tiny
+
+    if margs.model == "tiny":
+        build_tiny(texts, base_dir)
+    elif mthd.smoke:
+        build_smoke(margs.language_model if margs.model == "compose" else margs.model, base_dir, texts)
+    else:
+        loader.compose_llava(
+            margs.vision_model, margs.language_model, base_dir, margs.projector,
+            margs.vision_feature_layer, margs.vision_feature_select_strategy, margs.trust_remote_code,
+        )
+
+
 def load_split(path: str, image_folder: str | None) -> tuple[list[Record], list[Path]]:
     records = [normalize_image_placement(r) for r in load_records(path)]
     root = Path(image_folder) if image_folder else Path(path).resolve().parent
@@ -80,7 +114,6 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     import torch
 
     from llavatune.model import loader
-    from llavatune.model.tiny import build_smoke, build_tiny
     from llavatune.train.llava_trainer import (
         CheckpointCallback,
         LlavaTrainer,
@@ -156,15 +189,8 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         with targs.main_process_first(desc="build base model"):
             # resuming reuses the very same base (and tokenizer)
             if targs.process_index == 0 and not (base_dir / "config.json").is_file():
-                if margs.model == "tiny":
-                    build_tiny(texts, base_dir)
-                elif mthd.smoke:
-                    build_smoke(margs.model if margs.model != "compose" else margs.language_model, base_dir, texts)
-                else:
-                    loader.compose_llava(
-                        margs.vision_model, margs.language_model, base_dir, margs.projector,
-                        margs.vision_feature_layer, margs.vision_feature_select_strategy, margs.trust_remote_code,
-                    )
+                with zero3_init_disabled():
+                    build_base(margs, mthd, base_dir, texts)
         base_ref = str(base_dir.resolve())
     else:
         base_ref = margs.model
@@ -173,6 +199,12 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     if mthd.stage == "finetune" and mthd.method == "qlora":
         cdtype = dtype if mthd.bnb_4bit_compute_dtype == "auto" else loader.resolve_dtype(mthd.bnb_4bit_compute_dtype)
         quant = loader.quantization_kwargs(mthd.bits, mthd.bnb_4bit_quant_type, mthd.bnb_4bit_use_double_quant, cdtype)
+    if targs.deepspeed and torch.distributed.is_initialized():
+        # accelerate's CPU (gloo) path starts torch.distributed itself; DeepSpeed's own comm layer must wrap
+        # that group too, or ZeRO-3's zero.Init sizes its partitions for a world of one.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     model, processor = loader.load_base(
         base_ref, dtype, quantization=quant, trust_remote_code=margs.trust_remote_code,
         attn_implementation=margs.attn_implementation,
