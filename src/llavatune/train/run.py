@@ -140,7 +140,8 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         gen = eargs.generation_eval and mthd.stage == "finetune"
         metric = targs.metric_for_best_model or ("vqa_accuracy" if gen else "loss")
         changes["metric_for_best_model"] = metric
-        changes["greater_is_better"] = "loss" not in metric
+        if targs.greater_is_better is None or not targs.metric_for_best_model:
+            changes["greater_is_better"] = "loss" not in metric
         if targs.load_best_model_at_end is None:
             changes["load_best_model_at_end"] = targs.save_strategy == targs.eval_strategy
     if mthd.smoke:
