@@ -9,6 +9,7 @@ into every output directory (``llavatune_config.yaml``) so a run can always be r
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -65,6 +66,16 @@ def config(cls: type) -> type:
     return cls
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Show a field's default unless it is None or the docstring already speaks of its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, argparse.SUPPRESS) and "default" not in text.lower() and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _make_parser(prog: str, description: str, dataclass_types: Sequence[type]):
     from transformers import HfArgumentParser
 
@@ -73,7 +84,7 @@ def _make_parser(prog: str, description: str, dataclass_types: Sequence[type]):
             sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
             raise SystemExit(2)
 
-    parser = _Parser(list(dataclass_types), prog=prog, description=description)
+    parser = _Parser(list(dataclass_types), prog=prog, description=description, formatter_class=_HelpFormatter)
     return parser
 
 

@@ -242,7 +242,9 @@ def load_prompts(kind: str, system_file: str | None = None, examples_file: str |
                 for d in data
             )
             if not ok:
-                raise ConfigError(f'--examples {examples_file}: expected a JSON list of {{"user": ..., "assistant": ...}}')
+                raise ConfigError(
+                    f'--examples {examples_file}: expected a JSON list of {{"user": ..., "assistant": ...}}'
+                )
             examples = [(d["user"].strip(), d["assistant"].strip()) for d in data]
         else:
             examples = parse_examples(text, examples_file)
@@ -434,11 +436,16 @@ def load_coco(args: SynthArgs, path: Path, data: dict, root: Path) -> Iterable[I
             yield Reject(e.reason, e.message, image=fname if isinstance(fname, str) else None, id=str(iid), where=where)
 
 
-def load_jsonl(args: SynthArgs, path: Path, root: Path) -> Iterable[Item | Reject]:
-    """Items of a JSONL (or JSON list) file of ``{image, captions, boxes}`` objects."""
-    if path.suffix == ".jsonl":
+def load_jsonl(args: SynthArgs, path: Path, root: Path, data: Any = None) -> Iterable[Item | Reject]:
+    """Items of a JSONL file (or of ``data``, the JSON list read from ``path``) of ``{image, captions, boxes}``."""
+    if data is None:
         rows = []
-        text = path.read_bytes().decode("utf-8-sig", errors="replace")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise DataError(path, None, None, f"invalid UTF-8 on line {line}; re-save the file as UTF-8") from None
         for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
@@ -448,7 +455,6 @@ def load_jsonl(args: SynthArgs, path: Path, root: Path) -> Iterable[Item | Rejec
                 raise DataError(path, f"on line {n}", None, f"not valid JSON: {e.msg}") from None
         label = "line"
     else:
-        data = _load_json(path, "input file")
         if not isinstance(data, list):
             raise DataError(path, None, None, "expected a COCO captions file or a list of {image, captions} objects")
         rows, label = list(enumerate(data)), "#"
@@ -477,7 +483,9 @@ def load_jsonl(args: SynthArgs, path: Path, root: Path) -> Iterable[Item | Rejec
                     w, h = _image_size(full)
                 for i, b in enumerate(raw_boxes):
                     if not isinstance(b, dict) or not isinstance(b.get("category"), str):
-                        raise _ItemError("bad-box", f"boxes[{i}] must be an object with a 'category' string and a 'bbox'")
+                        raise _ItemError(
+                            "bad-box", f"boxes[{i}] must be an object with a 'category' string and a 'bbox'"
+                        )
                     try:
                         norm.append((b["category"].strip(), normalize_box(b.get("bbox"), args.box_format, w, h)))
                     except _ItemError as e:
@@ -517,7 +525,7 @@ def load_items(args: SynthArgs) -> tuple[list[Item], list[Reject]]:
     root = root.resolve()
     if path.suffix == ".json":
         data = _load_json(path, "input file")
-        source = load_coco(args, path, data, root) if isinstance(data, dict) else load_jsonl(args, path, root)
+        source = load_coco(args, path, data, root) if isinstance(data, dict) else load_jsonl(args, path, root, data)
     else:
         source = load_jsonl(args, path, root)
     items: list[Item] = []
@@ -681,7 +689,9 @@ class ReplyCache:
                 self._f.write(b"\n")  # only the newline was lost
                 raw += b"\n"
             except ValueError:
-                logger.info(f"{self.path}: dropping an incomplete last line ({len(raw) - cut} bytes) left by an interrupted run")
+                logger.info(
+                    f"{self.path}: dropping an incomplete last line ({len(raw) - cut} bytes) left by an interrupted run"
+                )
                 self._f.truncate(cut)
                 raw = raw[:cut]
             self._f.flush()
@@ -704,6 +714,8 @@ class ReplyCache:
     def append(self, entry: dict) -> None:
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
+            if self._f.closed:  # a worker finishing after the run was abandoned
+                return
             self._f.write(line)
             self._f.flush()
             os.fsync(self._f.fileno())
@@ -787,11 +799,13 @@ class Usage:
     without_usage: int = 0  # replies whose response had no usage field
 
     def add(self, usage: Any) -> None:
-        if not isinstance(usage, dict) or "prompt_tokens" not in usage:
+        try:
+            prompt, completion = int(usage["prompt_tokens"] or 0), int(usage.get("completion_tokens") or 0)
+        except (TypeError, KeyError, ValueError, AttributeError):
             self.without_usage += 1
             return
-        self.prompt += int(usage.get("prompt_tokens") or 0)
-        self.completion += int(usage.get("completion_tokens") or 0)
+        self.prompt += prompt
+        self.completion += completion
 
     def cost(self, price_in: float, price_out: float) -> float:
         return (self.prompt * price_in + self.completion * price_out) / 1e6
@@ -857,7 +871,7 @@ class ChatClient:
                     raw = resp.read()
                 try:
                     out = json.loads(raw)
-                    if not isinstance(out, dict) or not out.get("choices"):
+                    if not isinstance(out, dict) or not isinstance(out.get("choices"), list) or not out["choices"]:
                         raise ValueError("no 'choices' in the response")
                     return out
                 except ValueError as e:
@@ -956,10 +970,14 @@ def run_requests(
     fatal: list[str] = []
 
     def work(job: Job) -> dict:
-        resp = client.complete(job.body, stop)
+        try:
+            resp = client.complete(job.body, stop)
+        except FatalRequestError:
+            stop.set()  # here, not in the main thread: no queued job may start after this
+            raise
         choice = resp["choices"][0] if isinstance(resp["choices"][0], dict) else {}
-        msg = choice.get("message") or {}
-        content = msg.get("content")
+        msg = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        content = msg.get("content") or choice.get("text")  # "text": legacy completions-style servers
         if isinstance(content, list):  # content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         entry = {
@@ -1020,9 +1038,11 @@ def run_requests(
                         post["cost"] = f"{cost:.4f}"
                     bar.set_postfix(post, refresh=False)
             fill()
-    except BaseException:
+    except BaseException:  # Ctrl-C: let requests in flight land in the cache (a second Ctrl-C quits at once)
         stop.set()
-        pool.shutdown(wait=False, cancel_futures=True)
+        if inflight:
+            logger.info(f"stopping: waiting for {len(inflight)} request(s) in flight (Ctrl-C again to quit now)")
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     finally:
         if bar is not None:
@@ -1087,7 +1107,7 @@ class SynthReport:
             f"{self.http_requests} HTTP request(s), {self.retries} retr{'y' if self.retries == 1 else 'ies'}"
             + (f" ({', '.join(f'{k} x{v}' for k, v in sorted(self.http_errors.items()))})" if self.http_errors else "")
         )
-        for label, u in (("this run", self.usage_run), ("all records", self.usage_all)):
+        for label, u in (("this run", self.usage_run), ("every reply, cached included", self.usage_all)):
             line = f"  tokens ({label}): {u['prompt_tokens']:,} prompt + {u['completion_tokens']:,} completion"
             if u["cost"]:
                 line += f", cost {u['cost']:.4f}"
@@ -1115,15 +1135,17 @@ def _resolve_endpoint(args: SynthArgs) -> tuple[str, str | None]:
 
 
 def _print_dry_run(args: SynthArgs, url: str, jobs: list[Job], todo: list[Job], rejects: list[Reject]) -> None:
-    print(f"dry run: {len(jobs)} image(s) usable, {len(rejects)} rejected before asking, {len(todo)} to request from {url}")
+    print(
+        f"dry run: {len(jobs)} image(s) usable, {len(rejects)} rejected before asking, {len(todo)} to request from {url}"
+    )
     if rejects:
         reasons = Counter(r.reason for r in rejects)
         print("  rejected: " + ", ".join(f"{k} {v}" for k, v in reasons.most_common()))
     chars = sum(len(m["content"]) for j in todo for m in j.body["messages"])
-    print(f"  prompt size of the requests: {chars:,} characters (~{chars // 4:,} tokens)")
+    print(f"  prompts still to send: {chars:,} characters (roughly {chars // 4:,} tokens)")
     if jobs:
         j = (todo or jobs)[0]
-        print(f"\nfirst request ({j.item.key}), model {j.body['model']}:")
+        print(f"\nprompt for {j.item.key} (model {j.body['model']}):")
         for m in j.body["messages"]:
             print(f"----- {m['role']}\n{m['content']}")
 
@@ -1156,7 +1178,9 @@ def run_synth(args: SynthArgs) -> SynthReport:
     root = (Path(args.images) if args.images else Path(args.input).parent).resolve()  # type: ignore[arg-type]
     mode, note = _image_mode(out, root)
     rejects_path = out.with_suffix(".rejects.jsonl")
-    report = SynthReport(out=str(out), rejects=str(rejects_path), cache=str(cache_path), kind=args.kind, model=str(args.model))
+    report = SynthReport(
+        out=str(out), rejects=str(rejects_path), cache=str(cache_path), kind=args.kind, model=str(args.model)
+    )
     report.prompts = prompts.source
     client = ChatClient(url, api_key, args.timeout, args.max_retries, args.backoff, args.max_backoff)
     usage_run = Usage()
@@ -1190,13 +1214,19 @@ def run_synth(args: SynthArgs) -> SynthReport:
             try:
                 turns = reply_to_turns(args.kind, it.key, entry.get("reply") or "", entry.get("finish_reason"))
             except ReplyError as e:
-                rejects.append(Reject(e.reason, e.message, image=it.key, id=it.id, where=it.where, reply=entry.get("reply")))
+                rejects.append(
+                    Reject(e.reason, e.message, image=it.key, id=it.id, where=it.where, reply=entry.get("reply"))
+                )
                 continue
-            rec = Record(id=f"{it.id}-{args.kind}", conversations=turns, images=[_output_path(mode, it.key, root, out_dir)])
+            rec = Record(
+                id=f"{it.id}-{args.kind}", conversations=turns, images=[_output_path(mode, it.key, root, out_dir)]
+            )
             problems = record_problems(rec)
             if problems:  # defensive: never write a record `train` would refuse
                 msg = "; ".join(f"{f}: {m}" for f, m in problems)
-                rejects.append(Reject("invalid-record", msg, image=it.key, id=it.id, where=it.where, reply=entry.get("reply")))
+                rejects.append(
+                    Reject("invalid-record", msg, image=it.key, id=it.id, where=it.where, reply=entry.get("reply"))
+                )
                 continue
             records.append(rec)
 
@@ -1249,11 +1279,6 @@ def main(argv: Sequence[str], prog: str = "llavatune synth") -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from llavatune.utils import setup_logging
+    from llavatune.cli import main as _cli
 
-    setup_logging()
-    try:
-        raise SystemExit(main(sys.argv[1:], "python -m llavatune.data.synth"))
-    except (ConfigError, UserError) as e:
-        sys.stderr.write(f"llavatune synth: error: {e}\n")
-        raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+    raise SystemExit(_cli(["synth", *sys.argv[1:]]))
