@@ -231,6 +231,8 @@ def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpoint
         vnames = linear_module_names(model, VISION)
         target = rf"({target})|(.*{VISION}.*\.({'|'.join(map(re.escape, vnames))})$)"
     modules_to_save = [PROJECTOR] + ([VISION] if margs.train_vision == "full" else [])
+    if getattr(margs, "lora_modules_to_save", None):
+        modules_to_save += [m.strip() for m in margs.lora_modules_to_save.split(",") if m.strip()]
     lcfg = LoraConfig(
         r=margs.lora_r,
         lora_alpha=margs.lora_alpha,
@@ -338,12 +340,16 @@ def load_checkpoint(
             model = model.merge_and_unload()
         return model.eval(), processor, {"kind": "adapter", "base_model": base, **meta}
     if not (p / "config.json").is_file():
-        raise UserError(f"{p}: no config.json or adapter_config.json; not a model or checkpoint directory")
+        raise UserError(f"{p}: no config.json or adapter_config.json; not a model or checkpoint directory (pass a "
+                        "training output or checkpoint-N folder, a merged model, or a llava-hf model)")
     missing = [] if any(p.glob("*.safetensors")) else ["model weights (*.safetensors)"]
     if not ((p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file()):
         missing.append("tokenizer files")
+    if not ((p / "processor_config.json").is_file() or (p / "preprocessor_config.json").is_file()):
+        missing.append("image processor files (processor_config.json or preprocessor_config.json)")
     if missing:
-        raise UserError(f"{p}: missing {', '.join(missing)}; re-export it with 'llavatune merge'")
+        raise UserError(f"{p}: missing {', '.join(missing)}; copy them from the model it was trained from, or "
+                        "re-export it with 'llavatune merge'")
     model, processor = load_base(str(p), resolve_dtype(dtype), trust_remote_code=trust_remote_code)
     return model.eval(), processor, {"kind": "full", "base_model": str(p), **meta}
 

@@ -90,6 +90,9 @@ class MethodArgs:
     lora_target_modules: Optional[str] = None
     """Comma-separated module names to adapt. Default: every linear layer of the LLM (not the vision tower, not the
     projector, not lm_head)."""
+    lora_modules_to_save: Optional[str] = None
+    """Comma-separated modules trained fully (not LoRA) next to the adapter and saved inside it, e.g. 'lm_head' or
+    'embed_tokens,lm_head' when tokens were added. The projector is always among them."""
     train_vision: Literal["frozen", "full", "lora"] = "frozen"
     """Vision tower in stage 'finetune': frozen (LLaVA default), trained fully, or with LoRA."""
     projector_lr: Optional[float] = None
