@@ -27,8 +27,10 @@ TEMPLATE_TEXT = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000):
-    """A Llama-style BPE tokenizer (byte-level, so any text round-trips) trained on ``texts``."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000, image_token: bool = True):
+    """A Llama-style BPE tokenizer (byte-level, so any text round-trips) trained on ``texts``.
+
+    ``image_token=False`` leaves ``<image>`` out, like a plain LM's tokenizer (for composing tests)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -37,7 +39,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS if image_token else SPECIAL_TOKENS[:-1],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -50,7 +52,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000):
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": IMAGE_TOKEN} if image_token else None,
         padding_side="right",
     )
     fast.chat_template = VICUNA_JINJA
