@@ -63,3 +63,23 @@ def test_two_rank_zero_matches_single_process(shapes, tmp_path, single, zero):
     weights = load_file(str(out / "adapter_model.safetensors"))
     proj = [v for k, v in weights.items() if "multi_modal_projector" in k and k.endswith("linear_1.weight")]
     assert proj and proj[0].ndim == 2 and proj[0].numel() > 0
+
+
+def test_zero3_mixed_text_only_and_image_batches_do_not_hang(tmp_path, shapes):
+    """Rank 0 gets text-only batches while rank 1 gets image batches (sequential sampling, batch 2 per rank)."""
+    image_recs = json.loads(Path(shapes["train"]).read_text())
+    root = Path(shapes["train"]).parent
+    recs = []
+    for i in range(4):
+        recs += [{"id": f"t{i}a", "conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "yes"}]},
+                 {"id": f"t{i}b", "conversations": [{"from": "human", "value": "Say no."}, {"from": "gpt", "value": "no"}]}]
+        recs += [{**r, "image": str(root / r["image"])} for r in image_recs[2 * i: 2 * i + 2]]
+    data = root / f"mixed_{tmp_path.name}.json"
+    data.write_text(json.dumps(recs))
+    out = tmp_path / "mixed"
+    r = launch(["--model", "tiny", "--data", str(data), "--output_dir", str(out), "--max_steps", "3", "--lora_r", "4",
+                "--lora_alpha", "8", "--report_to", "none", "--train_sampling_strategy", "sequential",
+                "--save_strategy", "no", "--per_device_train_batch_size", "2", "--zero", "zero3",
+                "--ddp_timeout", "120"], 2, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(losses(out)) == 3

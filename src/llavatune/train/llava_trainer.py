@@ -40,6 +40,43 @@ class LlavaTrainer(Trainer):
         self._eval_history: list[tuple[int, float, float | None]] = []  # (step, eval_loss, mean train loss)
         super().__init__(*args, **kwargs)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.is_deepspeed_enabled and self.accelerator.deepspeed_plugin.zero_stage == 3 and not self._blank_hooks:
+            self._install_blank_image_hooks(model)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    _blank_hooks: list = []
+
+    def _install_blank_image_hooks(self, model) -> None:
+        """Under ZeRO-3, a forward pass whose batch has no image still runs the vision tower and projector (on a
+        blank image, with zero weight in the loss), so every rank gathers the same parameters in the same order.
+        Mixed text-only / image batches across ranks would otherwise hang the run (DeepSpeed #7170, LLaVA #1746).
+        Hooks, not a separate call, so the extra work happens inside the DeepSpeed engine's forward."""
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        inner = base.model
+        state: dict[str, bool] = {}
+
+        def before(module, args, kwargs):
+            state["need"] = module.training and kwargs.get("pixel_values") is None
+
+        def after_embed(module, args, output):
+            # LlavaModel embeds the tokens, *then* runs the vision tower: keep that order on every rank. The blank
+            # features enter the token embeddings (times zero), like real image features, so the backward pass
+            # also visits the LLM, then the projector, in the same order everywhere.
+            if state.pop("need", False):
+                size = base.config.vision_config.image_size
+                dtype = next(inner.multi_modal_projector.parameters()).dtype
+                pixels = torch.zeros(1, 3, size, size, device=output.device, dtype=dtype)
+                feats = inner.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
+                return output + 0.0 * inner.multi_modal_projector(feats).sum().to(output.dtype)
+            return output
+
+        self._blank_hooks = [
+            inner.register_forward_pre_hook(before, with_kwargs=True),
+            inner.get_input_embeddings().register_forward_hook(after_embed),
+        ]
+
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
