@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -70,9 +71,21 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, resume:
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is *now* (pytest's capture, a redirected stream), not the one at setup."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     if not logger.handlers:
-        h = logging.StreamHandler()
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("[llavatune] %(message)s"))
         logger.addHandler(h)
     logger.setLevel(level)

@@ -138,7 +138,7 @@ class EvalConfig:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from llavatune.model.loader import load_checkpoint
+    from llavatune.infer.predict import load_predictor
 
     if not cfg.model or not cfg.data:
         raise UserError("--model and --data are required")
@@ -149,9 +149,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         records = records[: cfg.max_samples]
     root = Path(cfg.image_folder) if cfg.image_folder else Path(cfg.data).resolve().parent
     eset = EvalSet.from_records(records, root)
-    model, processor, info = load_checkpoint(cfg.model, dtype=cfg.dtype, base_model=cfg.base_model)
-    encoder = Encoder(processor, template=cfg.template or info.get("template", "auto"),
-                      max_length=info.get("max_length", 4096))
+    predictor = load_predictor(cfg.model, base_model=cfg.base_model, dtype=cfg.dtype, template=cfg.template)
+    model, encoder = predictor.model, predictor.encoder
     stop = tuple(s for s in (cfg.stop or "").split(",") if s)
     with tqdm(total=len(records), desc="eval", unit="sample") as bar:
         rows, metrics = run_eval(model, encoder, eset, cfg.batch_size, cfg.max_new_tokens, stop, cfg.stem, progress=bar)

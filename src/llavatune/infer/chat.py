@@ -1,0 +1,227 @@
+"""``llavatune chat --model CKPT [--image PATH]`` — interactive multi-turn chat in the terminal.
+
+    llavatune chat --model runs/okvqa --image cat.jpg
+
+Tokens are printed as they are generated. Commands: ``/image PATH`` switches to another image (and starts
+a new conversation: LLaVA-1.5 models see one image per conversation), ``/reset`` forgets the conversation,
+``/exit`` (or end of input) quits, ``/help`` lists them. Ctrl-C stops the answer being generated.
+Prompts are built from the whole conversation with the checkpoint's own template (``Encoder``).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional, TextIO
+
+from llavatune.config import config, parse_config
+from llavatune.data.records import Turn
+from llavatune.infer.predict import Predictor, check_image, load_predictor
+from llavatune.utils import UserError
+
+HELP = "commands: /image PATH (new image, new conversation), /reset (forget the conversation), /exit"
+
+
+class ChatSession:
+    """A conversation with one model: the turns so far and the current image."""
+
+    def __init__(self, predictor: Predictor, image: str | Path | None = None, system: str | None = None,
+                 max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0):
+        self.predictor = predictor
+        self.system = system
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.image: Path | None = None
+        self._pixels = None
+        self.turns: list[Turn] = []
+        if image:
+            self.set_image(image)
+
+    def set_image(self, path: str | Path) -> None:
+        """Switch to ``path`` (checked first: a bad path leaves the session as it was) and start over."""
+        from llavatune.data.images import open_image
+
+        path = check_image(path, "image")
+        ip = self.predictor.processor.image_processor
+        self._pixels = ip([open_image(path)], return_tensors="pt")["pixel_values"]
+        self.image = path
+        self.reset()
+
+    def reset(self) -> None:
+        self.turns = [Turn("system", self.system)] if self.system else []
+
+    def prompt_turns(self, question: str) -> list[Turn]:
+        from llavatune.data.records import IMAGE_TOKEN
+
+        first = not any(t.role == "human" for t in self.turns)
+        value = question.strip()
+        if first and self.image is not None and IMAGE_TOKEN not in value:
+            value = IMAGE_TOKEN + "\n" + value
+        elif not first or self.image is None:
+            value = value.replace(IMAGE_TOKEN, "")
+        return self.turns + [Turn("human", value)]
+
+    def ask(self, question: str, on_text: Callable[[str], None] = lambda s: None,
+            stop_event: threading.Event | None = None) -> str:
+        """Generate the answer to ``question`` in a thread, passing text pieces to ``on_text`` as they come.
+
+        The answer (decoded from the generated ids in one go) is added to the conversation, unless the
+        generation was stopped through ``stop_event``.
+        """
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        if not question.strip():
+            raise UserError("the question is empty")
+        turns = self.prompt_turns(question)
+        model, encoder = self.predictor.model, self.predictor.encoder
+        tok = encoder.tokenizer
+        ids = encoder.prompt_ids(turns)
+        device = next(model.parameters()).device
+        dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+        inputs: dict[str, Any] = {
+            "input_ids": torch.tensor([ids], device=device),
+            "attention_mask": torch.ones((1, len(ids)), dtype=torch.long, device=device),
+        }
+        if self.image is not None and encoder.image_token_id in ids:
+            inputs["pixel_values"] = self._pixels.to(device=device, dtype=dtype)
+        stop_event = stop_event or threading.Event()
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} if self.temperature > 0 \
+            else {"do_sample": False, "num_beams": 1}
+        result: dict[str, Any] = {}
+
+        def run():
+            try:
+                result["ids"] = model.generate(
+                    **inputs, **sampling, max_new_tokens=self.max_new_tokens, streamer=streamer, use_cache=True,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                    stopping_criteria=StoppingCriteriaList([_Stop()]),
+                )
+            except BaseException as e:  # re-raised in the caller's thread
+                result["error"] = e
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="llavatune-generate", daemon=True)
+        thread.start()
+        try:
+            for piece in streamer:
+                on_text(piece)
+        except KeyboardInterrupt:
+            stop_event.set()
+            raise
+        finally:
+            thread.join()
+        if "error" in result:
+            raise result["error"]
+        answer = tok.decode(result["ids"][0, len(ids):], skip_special_tokens=True).strip()
+        if not stop_event.is_set():
+            self.turns = turns + [Turn("gpt", answer)]
+        return answer
+
+
+def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    """The read-answer loop. Reads lines from ``stdin`` until ``/exit`` or end of input."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    interactive = stdin.isatty() and stdin is sys.stdin
+
+    def say(text: str = "", end: str = "\n") -> None:
+        stdout.write(text + end)
+        stdout.flush()
+
+    def read() -> str | None:
+        if interactive:
+            try:
+                return input("you> ")
+            except EOFError:
+                return None
+        say("you> ", end="")
+        line = stdin.readline()
+        if not line:
+            return None
+        return line.rstrip("\n")
+
+    say(f"chatting with {session.predictor.info.get('base_model', 'the model')}"
+        + (f" about {session.image}" if session.image else " (no image: /image PATH to add one)"))
+    say(HELP)
+    while True:
+        line = read()
+        if line is None:
+            say()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            arg = arg.strip().strip("'\"")
+            if cmd in ("/exit", "/quit"):
+                return 0
+            if cmd == "/reset":
+                session.reset()
+                say("(conversation reset)")
+            elif cmd == "/image":
+                if not arg:
+                    say("usage: /image PATH")
+                    continue
+                try:
+                    session.set_image(Path(arg).expanduser())
+                except UserError as e:
+                    say(f"error: {e}")
+                    continue
+                say(f"(image: {session.image}; new conversation)")
+            else:
+                say(HELP)
+            continue
+        say("llava> ", end="")
+        try:
+            session.ask(line, on_text=lambda s: (stdout.write(s), stdout.flush()))
+        except KeyboardInterrupt:
+            say(" (stopped)")
+            continue
+        except UserError as e:
+            say(f"error: {e}")
+            continue
+        say()
+
+
+@config
+class ChatConfig:
+    model: Optional[str] = None
+    """Checkpoint: a training output or checkpoint-N folder (adapter or full), a merged/converted model, or a
+    llava-hf model folder or hub id."""
+    image: Optional[str] = None
+    """Image to talk about (switch later with /image PATH)."""
+    system: Optional[str] = None
+    """System prompt (default: the template's own)."""
+    base_model: Optional[str] = None
+    """Base model for an adapter checkpoint whose recorded base cannot be found."""
+    max_new_tokens: int = 512
+    """Maximum tokens generated per answer."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (with --temperature > 0)."""
+    template: Optional[str] = None
+    """Prompt template (default: the one the checkpoint was trained with, else the model's chat template)."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), bfloat16, float16 or float32."""
+    device: str = "auto"
+    """Where to run: auto (the GPU when there is one), cpu, cuda or cuda:N."""
+
+
+def main(argv: list[str], prog: str, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    (cfg,) = parse_config([ChatConfig], argv, prog=prog, description=__doc__.split("\n\n")[0])
+    if cfg.image:
+        check_image(cfg.image)
+    predictor = load_predictor(cfg.model, cfg.base_model, cfg.dtype, cfg.template, device=cfg.device)
+    session = ChatSession(predictor, cfg.image, cfg.system, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    return run_chat(session, stdin, stdout)

@@ -1,0 +1,158 @@
+"""``llavatune merge --model CKPT --out DIR`` — fold a LoRA/QLoRA adapter into its base model.
+
+    llavatune merge --model runs/okvqa --out merged/okvqa-7b
+    llavatune merge --model runs/okvqa-qlora/checkpoint-500 --out merged/okvqa-qlora --dtype float16
+
+Writes a standalone llava-hf checkpoint that stock ``transformers`` loads on its own
+(``LlavaForConditionalGeneration.from_pretrained`` + ``AutoProcessor.from_pretrained``): safetensors
+weights, ``config.json``, ``generation_config.json``, processor + tokenizer files and the chat template.
+
+A QLoRA adapter is merged into the base model reloaded in 16/32-bit, never into a dequantized 4-bit copy
+(which would bake the quantization error into every weight). The output is written to a temporary folder
+next to ``DIR`` and renamed into place only when complete; an existing ``DIR`` is refused unless
+``--overwrite``. A full-weights checkpoint is re-exported as is (nothing to merge).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+from llavatune.config import config, parse_config
+from llavatune.utils import UserError, atomic_write_json
+
+logger = logging.getLogger("llavatune")
+QUANTIZED_LAYERS = ("Linear4bit", "Linear8bitLt", "Params4bit", "Int8Params")
+
+
+def check_out_dir(out: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
+    """Refuse an existing ``out`` (unless ``overwrite``) and an ``out`` that is, or is inside, ``source``."""
+    out = Path(out)
+    if not str(out):
+        raise UserError("--out is required")
+    if source is not None and Path(source).exists():
+        src, dst = Path(source).resolve(), out.resolve()
+        if dst == src or src in dst.parents:
+            raise UserError(f"--out: {out} is inside the source checkpoint {source}; choose a folder outside it")
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out: {out} exists and is not a folder")
+        if any(out.iterdir()) and not overwrite:
+            raise UserError(f"--out: {out} exists; pass --overwrite to replace it")
+    return out
+
+
+def write_atomically(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a fresh temp folder next to ``out``, then swap it into place.
+
+    On any error the temp folder is removed and an existing ``out`` is left untouched.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _base_dtype(ckpt: Path, base_model: str | None) -> str:
+    """The dtype the adapter's base model was saved in (so a 7B fp16 base merges into fp16), else 'auto'."""
+    from llavatune.model.loader import _resolve_base, read_meta
+
+    try:
+        adapter_cfg = json.loads((ckpt / "adapter_config.json").read_text())
+        base = base_model or _resolve_base(ckpt, read_meta(ckpt), adapter_cfg)
+        cfg = json.loads((Path(base) / "config.json").read_text())
+    except (OSError, ValueError, UserError):
+        return "auto"
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    return name if name in ("float16", "bfloat16", "float32") else "auto"
+
+
+def _check_unquantized(model) -> None:
+    found = {type(m).__name__ for m in model.modules()} | {type(p).__name__ for p in model.parameters()}
+    bad = sorted(found & set(QUANTIZED_LAYERS))
+    if bad or getattr(model.config, "quantization_config", None):
+        raise RuntimeError(f"merge: the base model was loaded quantized ({', '.join(bad) or 'quantization_config'}); "
+                           "refusing to write a requantized merge")
+
+
+@config
+class MergeConfig:
+    model: Optional[str] = None
+    """Checkpoint to merge: a training output or checkpoint-N folder holding a LoRA or QLoRA adapter (a full-weights
+    checkpoint is re-exported as is)."""
+    out: Optional[str] = None
+    """Folder for the standalone llava-hf model (must not exist unless --overwrite)."""
+    base_model: Optional[str] = None
+    """Base model for an adapter whose recorded base cannot be found."""
+    dtype: str = "auto"
+    """Dtype of the merged weights: auto (the base model's saved dtype, e.g. float16 for llava-hf 7B), bfloat16,
+    float16 or float32. QLoRA bases are always reloaded unquantized in this dtype."""
+    overwrite: bool = False
+    """Replace an existing --out folder."""
+
+
+def merge(cfg: MergeConfig) -> Path:
+    from llavatune.model.loader import load_checkpoint, read_meta
+
+    if not cfg.model or not cfg.out:
+        raise UserError("--model and --out are required")
+    out = check_out_dir(cfg.out, cfg.overwrite, cfg.model)
+    src = Path(cfg.model)
+    dtype = cfg.dtype
+    if dtype == "auto" and (src / "adapter_config.json").is_file():
+        dtype = _base_dtype(src, cfg.base_model)
+    # merge=True: QLoRA adapters get their base loaded unquantized, then PEFT's merge_and_unload.
+    model, processor, info = load_checkpoint(cfg.model, dtype=dtype, base_model=cfg.base_model, merge=True,
+                                             quantized=False)
+    _check_unquantized(model)
+    if info.get("kind") != "adapter":
+        logger.info(f"{cfg.model} holds full weights: nothing to merge, re-exporting it")
+    tok = getattr(processor, "tokenizer", processor)
+    gen = model.generation_config
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(gen, name, None) is None and getattr(tok, name, None) is not None:
+            setattr(gen, name, getattr(tok, name))
+    template = info.get("template", "auto")
+    if template not in ("auto", None):
+        logger.warning(f"the checkpoint was trained with --template {template}; stock transformers' "
+                       "apply_chat_template renders the model's own chat template, which may differ. "
+                       "llavatune predict/chat/eval keep using the training template (recorded in the output)")
+    meta = {k: v for k, v in read_meta(src).items() if k in ("stage", "template", "max_length")} if src.is_dir() else {}
+    meta.update({"method": "merged", "merged_from": str(src.resolve()) if src.exists() else str(src),
+                 "source_method": info.get("method", info.get("kind"))})
+
+    def write(tmp: Path) -> None:
+        from llavatune.model.loader import META_FILE
+
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        atomic_write_json(tmp / META_FILE, meta)
+
+    write_atomically(out, write)
+    logger.info(f"merged model written to {out}")
+    return out
+
+
+def main(argv: list[str], prog: str) -> int:
+    (cfg,) = parse_config([MergeConfig], argv, prog=prog, description=__doc__.split("\n\n")[0])
+    out = merge(cfg)
+    print(f"wrote {out}")
+    return 0

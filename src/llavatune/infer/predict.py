@@ -1,0 +1,236 @@
+"""``llavatune predict`` — answer questions about images with any checkpoint.
+
+    llavatune predict --model runs/okvqa --image cat.jpg --question "What is the cat doing?"
+    llavatune predict --model runs/okvqa --image cat.jpg --question "..." --json
+    llavatune predict --model runs/okvqa/checkpoint-500 --input questions.jsonl --out answers.jsonl
+
+Any checkpoint kind works: a training output or ``checkpoint-N`` folder (LoRA / QLoRA adapter or full
+weights), a merged or converted model, a llava-hf model folder or hub id. Batch mode reads JSON lines
+``{"image": "a.jpg", "question": "..."}`` (extra fields such as ``id`` are copied to the output) and
+writes the same rows with an ``answer`` field, in input order; answers are generated in left-padded
+batches with the KV cache, through the same prompt builder (``Encoder``) as training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from llavatune.config import config, parse_config
+from llavatune.data.images import ImageError, open_image
+from llavatune.data.records import IMAGE_TOKEN, Turn
+from llavatune.utils import UserError, atomic_write_jsonl, resolve_under
+
+logger = logging.getLogger("llavatune")
+
+
+@dataclass
+class Predictor:
+    """A loaded checkpoint plus the prompt builder it was trained with."""
+
+    model: Any
+    processor: Any
+    encoder: Any
+    info: dict = field(default_factory=dict)
+
+    @property
+    def tokenizer(self):
+        return self.encoder.tokenizer
+
+    def answer(self, queries: list, batch_size: int = 8, max_new_tokens: int = 128, stop: tuple[str, ...] = (),
+               progress: Any = None) -> list[str]:
+        from llavatune.infer.generate import generate
+
+        return generate(self.model, self.encoder, queries, batch_size, max_new_tokens, stop, progress=progress)
+
+
+def load_predictor(model: str, base_model: str | None = None, dtype: str = "auto", template: str | None = None,
+                   quantized: bool | None = None, device: str = "auto") -> Predictor:
+    """Load any checkpoint kind (see ``load_checkpoint``) and its prompt template, on ``device`` (``auto``: the
+    GPU when there is one; 4-bit QLoRA bases are already placed by bitsandbytes and stay where they are)."""
+    import torch
+
+    from llavatune.data.encode import Encoder
+    from llavatune.model.loader import load_checkpoint
+
+    if not model:
+        raise UserError("--model is required (a training output, checkpoint-N folder, merged model or llava-hf id)")
+    if device != "auto" and device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    m, processor, info = load_checkpoint(model, dtype=dtype, base_model=base_model, quantized=quantized)
+    target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    quantized_model = getattr(m, "is_loaded_in_4bit", False) or getattr(m, "is_loaded_in_8bit", False) or any(
+        type(x).__name__ in ("Linear4bit", "Linear8bitLt") for x in m.modules())
+    if not quantized_model:
+        m = m.to(target)
+    if getattr(processor, "image_processor", None) is None:
+        raise UserError(f"{model}: no image processor found (processor_config.json / preprocessor_config.json); "
+                        "re-export the model with 'llavatune merge' or copy the processor files from its base model")
+    try:
+        encoder = Encoder(processor, template=template or info.get("template", "auto"),
+                          max_length=int(info.get("max_length", 4096)))
+    except ValueError as e:
+        raise UserError(f"{model}: {e}") from None
+    return Predictor(m, processor, encoder, info)
+
+
+def question_turns(question: str, n_images: int, history: list[tuple[str, str]] = ()) -> list[Turn]:
+    """Conversation turns for a question (plus earlier ``(question, answer)`` pairs about the same image).
+
+    The image placeholder goes at the start of the first question (``<image>\\n...``, the LLaVA-1.5
+    convention) unless the question already places its ``<image>`` tokens itself.
+    """
+    questions = [q for q, _ in history] + [question]
+    if not question or not question.strip():
+        raise UserError("the question is empty")
+    placed = sum(q.count(IMAGE_TOKEN) for q in questions)
+    if placed and placed != n_images:
+        raise UserError(f"the question holds {placed} {IMAGE_TOKEN} placeholder(s) for {n_images} image(s)")
+    turns: list[Turn] = []
+    for i, q in enumerate(questions):
+        if i == 0 and n_images and not placed:
+            q = (IMAGE_TOKEN + "\n") * n_images + q.strip()
+        turns.append(Turn("human", q))
+        if i < len(history):
+            turns.append(Turn("gpt", history[i][1]))
+    return turns
+
+
+def check_image(path: str | Path, what: str = "--image") -> Path:
+    """Fail early, with the file named, on a missing or unreadable image."""
+    try:
+        open_image(path)
+    except ImageError as e:
+        raise UserError(f"{what}: {e}; pass a readable image file (JPEG, PNG, WebP, ...)") from None
+    return Path(path)
+
+
+def read_batch(path: str | Path, image_folder: str | Path | None = None) -> tuple[list[dict], list]:
+    """Rows of a ``{image, question}`` JSONL file and their queries; errors name the line."""
+    from llavatune.infer.generate import Query
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--input: {p} does not exist")
+    root = Path(image_folder) if image_folder else p.resolve().parent
+    rows, queries = [], []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{p} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected an object like {{\"image\": \"a.jpg\", \"question\": \"...\"}}")
+        question = row.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise UserError(f"{where}: field 'question' is missing or empty")
+        images = row.get("image")
+        images = [] if images in (None, "") else [images] if isinstance(images, str) else images
+        if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+            raise UserError(f"{where}: field 'image' must be a path or a list of paths")
+        paths = []
+        for img in images:
+            try:
+                full = resolve_under(root, img)
+            except UserError as e:
+                raise UserError(f"{where}: {e}; pass --image_folder to set the folder image paths are relative to") from None
+            paths.append(check_image(full, where))
+        try:
+            turns = question_turns(question, len(paths))
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        rows.append(row)
+        queries.append(Query(turns, paths, str(row.get("id", n))))
+    if not rows:
+        raise UserError(f"--input: {p} holds no questions")
+    return rows, queries
+
+
+@config
+class PredictConfig:
+    model: Optional[str] = None
+    """Checkpoint: a training output or checkpoint-N folder (adapter or full), a merged/converted model, or a
+    llava-hf model folder or hub id."""
+    image: Optional[str] = None
+    """Image file to ask about (single mode)."""
+    question: Optional[str] = None
+    """Question about --image (single mode)."""
+    input: Optional[str] = None
+    """Batch mode: JSONL file of {"image": PATH, "question": TEXT} objects (other fields are copied to the output)."""
+    out: Optional[str] = None
+    """Batch mode: JSONL file to write the rows with their "answer" to (default: print them)."""
+    image_folder: Optional[str] = None
+    """Batch mode: folder image paths are relative to (default: the --input file's folder)."""
+    json: bool = False
+    """Single mode: print {"image", "question", "answer"} as JSON instead of the bare answer."""
+    base_model: Optional[str] = None
+    """Base model for an adapter checkpoint whose recorded base cannot be found."""
+    batch_size: int = 8
+    """Generation batch size in batch mode (left-padded, KV cache)."""
+    max_new_tokens: int = 128
+    """Maximum tokens generated per answer."""
+    stop: Optional[str] = None
+    """Comma-separated stop strings: the answer is cut at the first one."""
+    template: Optional[str] = None
+    """Prompt template (default: the one the checkpoint was trained with, else the model's chat template)."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), bfloat16, float16 or float32."""
+    device: str = "auto"
+    """Where to run: auto (the GPU when there is one), cpu, cuda or cuda:N."""
+    overwrite: bool = False
+    """Replace an existing --out file."""
+
+
+def predict(cfg: PredictConfig) -> list[dict]:
+    """Run single or batch prediction; returns the output rows (each with an ``answer``)."""
+    from llavatune.infer.generate import Query
+
+    single = cfg.image is not None or cfg.question is not None
+    if single == (cfg.input is not None):
+        raise UserError("give either --question (with --image) for one answer, or --input JSONL for a batch")
+    if cfg.out and Path(cfg.out).exists() and not cfg.overwrite:
+        raise UserError(f"--out: {cfg.out} exists; pass --overwrite to replace it")
+    stop = tuple(s for s in (cfg.stop or "").split(",") if s)
+    # Check every input before the (slow) model load.
+    if single:
+        if not cfg.question:
+            raise UserError("--question is required with --image")
+        paths = [check_image(cfg.image)] if cfg.image else []
+        rows = [{"image": cfg.image, "question": cfg.question}] if cfg.image else [{"question": cfg.question}]
+        queries = [Query(question_turns(cfg.question, len(paths)), paths)]
+    else:
+        rows, queries = read_batch(cfg.input, cfg.image_folder)
+    predictor = load_predictor(cfg.model, cfg.base_model, cfg.dtype, cfg.template, device=cfg.device)
+    if single:
+        answers = predictor.answer(queries, 1, cfg.max_new_tokens, stop)
+    else:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(queries), desc="predict", unit="question", disable=None) as bar:
+            answers = predictor.answer(queries, cfg.batch_size, cfg.max_new_tokens, stop, progress=bar)
+    out = [{**row, "answer": a} for row, a in zip(rows, answers)]
+    if cfg.out:
+        atomic_write_jsonl(cfg.out, out)
+    return out
+
+
+def main(argv: list[str], prog: str) -> int:
+    (cfg,) = parse_config([PredictConfig], argv, prog=prog, description=__doc__.split("\n\n")[0])
+    rows = predict(cfg)
+    if cfg.out:
+        print(f"wrote {len(rows)} answers to {cfg.out}")
+    elif cfg.input is not None:
+        for r in rows:
+            sys.stdout.write(json.dumps(r, ensure_ascii=False) + "\n")
+    elif cfg.json:
+        print(json.dumps(rows[0], ensure_ascii=False))
+    else:
+        print(rows[0]["answer"])
+    return 0
