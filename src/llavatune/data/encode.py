@@ -70,6 +70,17 @@ def image_tokens_per_image(processor: Any) -> int:
     return n
 
 
+def image_size(path) -> tuple[int, int]:
+    """(height, width) from the image header, without decoding the pixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read image ({e})") from None
+
+
 class SampleSkipped(Exception):
     """A sample that cannot be used as is; ``reason`` is counted and reported."""
 
@@ -87,25 +98,40 @@ class Encoder:
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.segmenter = get_segmenter(self.template, self.processor)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.n_image_tokens = image_tokens_per_image(self.processor)
+        # LLaVA-NeXT tiles each image by its size ("any resolution"): its token count depends on the image.
+        self.variable_image_tokens = hasattr(self.processor, "_get_number_of_features")
+        self.n_image_tokens = 0 if self.variable_image_tokens else image_tokens_per_image(self.processor)
         self.eos = self.tokenizer.eos_token or ""
         probe = self.tokenizer("a").input_ids
         bos = self.tokenizer.bos_token_id
         self.bos = [bos] if bos is not None and probe and probe[0] == bos else []
 
-    def _ids(self, text: str) -> list[int]:
+    def image_token_counts(self, image_sizes: list[tuple[int, int]] | None, n: int) -> list[int]:
+        """Tokens for each of ``n`` images; LLaVA-NeXT needs each image's (height, width)."""
+        if not self.variable_image_tokens:
+            return [self.n_image_tokens] * n
+        if image_sizes is None or len(image_sizes) != n:
+            raise ValueError("LLaVA-NeXT prompts need the (height, width) of every image")
+        return list(self.processor._get_num_multimodal_tokens(image_sizes=[list(s) for s in image_sizes]).num_image_tokens)
+
+    def _ids(self, text: str, counts: list[int]) -> list[int]:
         out: list[int] = []
         for i, piece in enumerate(text.split(IMAGE_TOKEN)):
             if i > 0:
-                out += [self.image_token_id] * self.n_image_tokens
+                out += [self.image_token_id] * counts.pop(0)
             if piece:
                 out += self.tokenizer(piece, add_special_tokens=False).input_ids
         return out
 
-    def encode(self, turns: list[Turn]) -> tuple[list[int], list[int]]:
+    def _counts(self, turns: list[Turn], image_sizes) -> list[int]:
+        n = sum(t.value.count(IMAGE_TOKEN) for t in turns)
+        return self.image_token_counts(image_sizes, n) if n else []
+
+    def encode(self, turns: list[Turn], image_sizes: list[tuple[int, int]] | None = None) -> tuple[list[int], list[int]]:
         ids, labels = list(self.bos), [IGNORE_INDEX] * len(self.bos)
+        counts = self._counts(turns, image_sizes)
         for text, supervised in self.segmenter(turns, self.eos, False):
-            seg = self._ids(text)
+            seg = self._ids(text, counts)
             ids += seg
             labels += seg if supervised else [IGNORE_INDEX] * len(seg)
         if len(ids) > self.max_length:
@@ -128,12 +154,21 @@ class Encoder:
     def supervised_text(self, turns: list[Turn]) -> str:
         return "".join(t for t, s in self.segmenter(turns, self.eos, False) if s)
 
-    def prompt_ids(self, turns: list[Turn]) -> list[int]:
+    def prompt_ids(self, turns: list[Turn], image_sizes: list[tuple[int, int]] | None = None) -> list[int]:
         """Token ids of the prompt for generating the next assistant turn (``turns`` ends with human)."""
         ids = list(self.bos)
+        counts = self._counts(turns, image_sizes)
         for text, _ in self.segmenter(turns, self.eos, True):
-            ids += self._ids(text)
+            ids += self._ids(text, counts)
         return ids
+
+    def pixel_inputs(self, images: list) -> dict[str, torch.Tensor]:
+        """``pixel_values`` (and ``image_sizes`` for LLaVA-NeXT) for a sample's images."""
+        out = self.processor.image_processor(images, return_tensors="pt")
+        item = {"pixel_values": out["pixel_values"]}
+        if "image_sizes" in out:
+            item["image_sizes"] = out["image_sizes"]
+        return item
 
 
 def check_masking(encoder: Encoder, turns: list[Turn], labels: list[int]) -> str | None:
@@ -179,12 +214,13 @@ class LlavaDataset(torch.utils.data.Dataset):
                     raise SampleSkipped(
                         f"{rec.n_placeholders} <image> placeholder(s) for {len(rec.images)} image(s)"
                     )
-                ids, labels = self.encoder.encode(rec.conversations)
+                sizes = [image_size(p) for p in paths] if self.encoder.variable_image_tokens and paths else None
+                ids, labels = self.encoder.encode(rec.conversations, sizes)
             except SampleSkipped as e:
                 self.skipped.setdefault(str(e).split(" (")[0], []).append(rec.ref)
                 continue
             except UserError as e:
-                self.skipped.setdefault("bad image path", []).append(f"{rec.ref}: {e}")
+                self.skipped.setdefault("bad image", []).append(f"{rec.ref}: {e}")
                 continue
             problem = check_masking(self.encoder, rec.conversations, labels)
             if problem:
@@ -223,7 +259,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             except ImageError as e:
                 rec = self.records[s.index]
                 raise UserError(f"{self.name} record {rec.ref}: {e}; run 'llavatune check' on the data") from None
-            item["pixel_values"] = self.encoder.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+            item.update(self.encoder.pixel_inputs(images))
         return item
 
 
@@ -235,7 +271,8 @@ class LlavaCollator:
     Output: ``input_ids`` (B, L) padded with ``pad_token_id``, ``attention_mask`` (B, L) 1 on real
     tokens, ``labels`` (B, L) padded with -100, and ``pixel_values`` (sum n_images_i, 3, H, W) in
     sample order (the model fills image-token positions in reading order), absent when no sample has
-    an image. ``padding_side`` is "right" for training, "left" for batched generation.
+    an image. LLaVA-NeXT samples carry (n_images_i, n_tiles, 3, H, W) pixel values, padded here to the
+    batch's largest tile count, and ``image_sizes`` (sum n_images_i, 2). ``padding_side`` is "right" for training, "left" for batched generation.
     """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right"):
@@ -261,6 +298,12 @@ class LlavaCollator:
             batch["labels"] = labels
         pixels = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
         if pixels:
+            if pixels[0].dim() == 5 or (pixels[0].dim() == 4 and "image_sizes" in features[0]):
+                # LLaVA-NeXT: (n_images, n_tiles, 3, H, W) with n_tiles varying by image; pad the tile axis (the
+                # model drops the padding using image_sizes), as LlavaNextProcessor does for a batch.
+                tiles = max(p.shape[1] for p in pixels)
+                pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels]
+                batch["image_sizes"] = torch.cat([f["image_sizes"] for f in features if f.get("image_sizes") is not None])
             batch["pixel_values"] = torch.cat(pixels, dim=0)
         return batch
 

@@ -34,7 +34,8 @@ class ChatSession:
         self.temperature = temperature
         self.top_p = top_p
         self.image: Path | None = None
-        self._pixels = None
+        self._pixels: dict | None = None
+        self._size: list[tuple[int, int]] | None = None
         self.turns: list[Turn] = []
         if image:
             self.set_image(image)
@@ -44,8 +45,9 @@ class ChatSession:
         from llavatune.data.images import open_image
 
         path = check_image(path, "image")
-        ip = self.predictor.processor.image_processor
-        self._pixels = ip([open_image(path)], return_tensors="pt")["pixel_values"]
+        img = open_image(path)
+        self._pixels = self.predictor.encoder.pixel_inputs([img])
+        self._size = [(img.height, img.width)]
         self.image = path
         self.reset()
 
@@ -78,7 +80,7 @@ class ChatSession:
         turns = self.prompt_turns(question)
         model, encoder = self.predictor.model, self.predictor.encoder
         tok = encoder.tokenizer
-        ids = encoder.prompt_ids(turns)
+        ids = encoder.prompt_ids(turns, self._size if self.image is not None else None)
         device = next(model.parameters()).device
         dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
         inputs: dict[str, Any] = {
@@ -86,7 +88,9 @@ class ChatSession:
             "attention_mask": torch.ones((1, len(ids)), dtype=torch.long, device=device),
         }
         if self.image is not None and encoder.image_token_id in ids:
-            inputs["pixel_values"] = self._pixels.to(device=device, dtype=dtype)
+            inputs["pixel_values"] = self._pixels["pixel_values"].to(device=device, dtype=dtype)
+            if "image_sizes" in self._pixels:
+                inputs["image_sizes"] = self._pixels["image_sizes"].to(device)
         stop_event = stop_event or threading.Event()
 
         class _Stop(StoppingCriteria):

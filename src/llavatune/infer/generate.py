@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-from llavatune.data.encode import Encoder, LlavaCollator
+from llavatune.data.encode import Encoder, LlavaCollator, image_size
 from llavatune.data.images import open_image
 from llavatune.data.records import Record, Turn
 
@@ -65,7 +65,9 @@ def generate(
     model.eval()
     tok = encoder.tokenizer
     collate = LlavaCollator(tok.pad_token_id, padding_side="left")
-    prompts = [encoder.prompt_ids(q.turns) for q in queries]
+    sizes = [[image_size(p) for p in q.images] if encoder.variable_image_tokens and q.images else None
+             for q in queries]
+    prompts = [encoder.prompt_ids(q.turns, s) for q, s in zip(queries, sizes)]
     order = sorted(range(len(queries)), key=lambda i: len(prompts[i]))
     device = next(p for p in model.parameters()).device
     dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
@@ -79,7 +81,7 @@ def generate(
                 f: dict[str, Any] = {"input_ids": torch.tensor(prompts[i], dtype=torch.long)}
                 if queries[i].images:
                     images = [open_image(p) for p in queries[i].images]
-                    f["pixel_values"] = encoder.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+                    f.update(encoder.pixel_inputs(images))
                 feats.append(f)
             batch = collate(feats)
             batch = {k: v.to(device) for k, v in batch.items()}

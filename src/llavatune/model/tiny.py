@@ -68,8 +68,13 @@ def build_tiny(
     vision_hidden_size: int = 32,
     num_layers: int = 2,
     seed: int = 0,
+    next: bool = False,
 ):
-    """Build (and optionally save) a tiny random LLaVA + processor. Returns ``(model, processor)``."""
+    """Build (and optionally save) a tiny random LLaVA + processor. Returns ``(model, processor)``.
+
+    ``next=True`` builds a tiny LLaVA-NeXT instead ("any resolution": each image is tiled on a grid chosen
+    by its size, plus a base view, so its token count depends on the image's height and width).
+    """
     import torch
     from transformers import (
         CLIPVisionConfig,
@@ -77,6 +82,10 @@ def build_tiny(
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaImageProcessor,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
         LlavaProcessor,
     )
 
@@ -104,7 +113,7 @@ def build_tiny(
         tie_word_embeddings=False,
     )
     n_tokens = (image_size // patch_size) ** 2  # "default" strategy drops CLS
-    config = LlavaConfig(
+    common = dict(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -113,17 +122,26 @@ def build_tiny(
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
+    s = image_size
+    pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+    config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints) if next else LlavaConfig(**common)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    model = LlavaNextForConditionalGeneration(config) if next else LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    image_processor = LlavaImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        do_pad=True,  # LLaVA-1.5 "pad" aspect ratio: pad to square with the mean colour, then resize
-    )
-    processor = LlavaProcessor(
+    if next:
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+            image_grid_pinpoints=pinpoints,
+        )
+    else:
+        image_processor = LlavaImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            do_pad=True,  # LLaVA-1.5 "pad" aspect ratio: pad to square with the mean colour, then resize
+        )
+    processor = (LlavaNextProcessor if next else LlavaProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch_size,

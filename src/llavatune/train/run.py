@@ -91,8 +91,8 @@ def build_base(margs: ModelArgs, mthd: MethodArgs, base_dir: Path, texts: list[s
     from llavatune.model import loader
     from llavatune.model.tiny import build_smoke, build_tiny
 
-    if margs.model == "tiny":
-        build_tiny(texts, base_dir)
+    if margs.model in ("tiny", "tiny-next"):
+        build_tiny(texts, base_dir, next=margs.model == "tiny-next")
     elif mthd.smoke:
         build_smoke(margs.language_model if margs.model == "compose" else margs.model, base_dir, texts)
     else:
@@ -186,7 +186,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     # Model: turn --model into a llava-hf directory or hub id, then load (quantized for QLoRA)
     base_dir = out / "base_model"
     texts = loader.collect_texts(train_records + val_records)
-    if margs.model == "tiny" or margs.model == "compose" or mthd.smoke:
+    if margs.model in ("tiny", "tiny-next", "compose") or mthd.smoke:
         with targs.main_process_first(desc="build base model"):
             # resuming reuses the very same base (and tokenizer)
             if targs.process_index == 0 and not (base_dir / "config.json").is_file():
@@ -293,6 +293,12 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     if trainer.is_world_process_zero():
         finish_checkpoint(out, processor, meta, config_path, model.config)
         logger.info(f"done: weights, processor and config in {out}")
+        try:  # run report (report.html / report.md); a report problem never fails training
+            from llavatune.report import write_report
+
+            logger.info(f"report: {write_report(out, params=loader.parameter_summary(model))}")
+        except Exception as e:  # noqa: BLE001
+            logger.warning(f"run report not written ({type(e).__name__}: {e}); retry with 'llavatune report {out}'")
     return trainer
 
 
