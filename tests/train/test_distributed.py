@@ -83,3 +83,23 @@ def test_zero3_mixed_text_only_and_image_batches_do_not_hang(tmp_path, shapes):
                 "--ddp_timeout", "120"], 2, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(losses(out)) == 3
+
+
+def test_two_rank_eval_shards_and_gathers(shapes, tmp_path):
+    from llavatune.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", "--model", "tiny", "--data", str(shapes["train"]), "--output_dir", str(ckpt), "--max_steps", "2",
+                 "--save_strategy", "no", "--report_to", "none", "--lora_r", "4", "--lora_alpha", "8",
+                 "--learning_rate", "1e-2"]) == 0
+    args = ["eval", "--model", str(ckpt), "--data", str(shapes["val"]), "--max_new_tokens", "4", "--batch_size", "2",
+            "--max_samples", "5"]  # an odd count: the last shard is padded, the padding dropped after the gather
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29700 + os.getpid() % 200)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llavatune.cli",
+                        *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = (tmp_path / "one" / "predictions.jsonl").read_text()
+    assert (tmp_path / "two" / "predictions.jsonl").read_text() == one
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["n"] == 5
+    assert len(one.splitlines()) == 5

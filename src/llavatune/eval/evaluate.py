@@ -1,6 +1,7 @@
 """``llavatune eval --model CKPT --data DATA [--out DIR]`` — generate answers in batches and score them.
 
     llavatune eval --model runs/okvqa/checkpoint-500 --data prepared/val/data.json --out runs/okvqa/eval
+    torchrun --nproc_per_node 8 -m llavatune.cli eval --model ... --data ... --out ...   # sharded, gathered
 
 Any checkpoint works: a final or intermediate adapter checkpoint, a merged model, a llava-hf model.
 A record is scored with VQA accuracy against its ``answers`` (as ``prepare okvqa`` keeps them) when it
@@ -97,11 +98,17 @@ def score_predictions(eset: EvalSet, predictions: list[str], stem: bool = False)
     return rows, metrics
 
 
-def run_eval(model, encoder: Encoder, eset: EvalSet, batch_size: int = 16, max_new_tokens: int = 16,
-             stop: tuple[str, ...] = (), stem: bool = False, synced_gpus: bool = False,
-             progress: Any = None) -> tuple[list[dict], dict[str, Any]]:
-    preds = generate(model, encoder, eset.queries, batch_size, max_new_tokens, stop, synced_gpus, progress)
-    return score_predictions(eset, preds, stem)
+def _init_distributed() -> None:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 @config
@@ -149,13 +156,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         records = records[: cfg.max_samples]
     root = Path(cfg.image_folder) if cfg.image_folder else Path(cfg.data).resolve().parent
     eset = EvalSet.from_records(records, root)
+    _init_distributed()  # launched with torchrun: every rank answers a shard, answers are gathered
+    world, rank = _world()
     predictor = load_predictor(cfg.model, base_model=cfg.base_model, dtype=cfg.dtype, template=cfg.template)
     model, encoder = predictor.model, predictor.encoder
     stop = tuple(s for s in (cfg.stop or "").split(",") if s)
-    with tqdm(total=len(records), desc="eval", unit="sample") as bar:
-        rows, metrics = run_eval(model, encoder, eset, cfg.batch_size, cfg.max_new_tokens, stop, cfg.stem, progress=bar)
+    with tqdm(total=-(-len(records) // world), desc=f"eval (rank {rank})" if world > 1 else "eval", unit="sample",
+              disable=rank != 0) as bar:
+        preds = sharded_generate(model, encoder, eset.queries, cfg.batch_size, cfg.max_new_tokens, stop, progress=bar)
+    rows, metrics = score_predictions(eset, preds, cfg.stem)
     metrics = {"model": str(cfg.model), "data": str(cfg.data), **metrics}
-    if cfg.out:
+    if cfg.out and rank == 0:
         out = Path(cfg.out)
         atomic_write_jsonl(out / "predictions.jsonl", rows)
         atomic_write_json(out / "metrics.json", metrics)
@@ -170,41 +181,55 @@ def format_metrics(m: dict[str, Any]) -> str:
 def main(argv: list[str], prog: str) -> int:
     (cfg,) = parse_config([EvalConfig], argv, prog=prog, description=__doc__.split("\n\n")[0])
     metrics = evaluate(cfg)
-    print(format_metrics(metrics))
-    if cfg.out:
-        print(f"wrote {cfg.out}/predictions.jsonl and {cfg.out}/metrics.json")
+    if _world()[1] == 0:
+        print(format_metrics(metrics))
+        if cfg.out:
+            print(f"wrote {cfg.out}/predictions.jsonl and {cfg.out}/metrics.json")
     return 0
 
 
-def make_generation_eval(encoder: Encoder, eset: EvalSet, batch_size: int, max_new_tokens: int,
-                         stop: tuple[str, ...], out_dir: Path, step_fn, shown: int = 3, synced_gpus: bool = False):
-    """The ``generation_eval`` hook of ``LlavaTrainer``: generate on ``eset`` (sharded across ranks, gathered),
-    score, write ``OUT/eval_predictions/step-N.jsonl`` and return the aggregate metrics.
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
 
-    Every rank gets the same number of samples (the last shard is padded with repeats, dropped after the
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def sharded_generate(model, encoder: Encoder, queries: list, batch_size: int, max_new_tokens: int,
+                     stop: tuple[str, ...] = (), synced_gpus: bool = False, progress: Any = None) -> list[str]:
+    """``generate`` over ``queries`` split across the ranks of a distributed run, answers gathered on every rank.
+
+    Every rank gets the same number of queries (the last shard is padded with repeats, dropped after the
     gather) so that, under ZeRO-3, ranks run ``generate`` in lockstep (``synced_gpus``).
     """
     import math
 
     import torch.distributed as dist
 
+    world, rank = _world()
+    if world == 1:
+        return generate(model, encoder, queries, batch_size, max_new_tokens, stop, progress=progress)
+    n = len(queries)
+    per = math.ceil(n / world)
+    idx = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
+    local = generate(model, encoder, [queries[i] for i in idx], batch_size, max_new_tokens, stop,
+                     synced_gpus=synced_gpus, progress=progress)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, list(zip(idx, local)))
+    by_index = dict(pair for part in gathered for pair in part)
+    return [by_index[i] for i in range(n)]
+
+
+def make_generation_eval(encoder: Encoder, eset: EvalSet, batch_size: int, max_new_tokens: int,
+                         stop: tuple[str, ...], out_dir: Path, step_fn, shown: int = 3, synced_gpus: bool = False):
+    """The ``generation_eval`` hook of ``LlavaTrainer``: generate on ``eset`` (sharded across ranks, gathered),
+    score, write ``OUT/eval_predictions/step-N.jsonl`` and return the aggregate metrics."""
+
     def run(model) -> dict[str, float]:
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        rank = dist.get_rank() if world > 1 else 0
-        n = len(eset.queries)
-        per = math.ceil(n / world)
-        idx = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
-        preds_local = generate(model, encoder, [eset.queries[i] for i in idx], batch_size, max_new_tokens, stop,
-                               synced_gpus=synced_gpus and world > 1)
-        if world > 1:
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, list(zip(idx, preds_local)))
-            by_index = dict(pair for part in gathered for pair in part)
-        else:
-            by_index = dict(zip(idx, preds_local))
-        preds = [by_index[i] for i in range(n)]
+        preds = sharded_generate(model, encoder, eset.queries, batch_size, max_new_tokens, stop, synced_gpus)
         rows, metrics = score_predictions(eset, preds)
-        if rank == 0:
+        if _world()[1] == 0:
             atomic_write_jsonl(out_dir / "eval_predictions" / f"step-{step_fn()}.jsonl", rows)
             for r in rows[:shown]:
                 logger.info(f"  [{r['id']}] Q: {r['question'][:80]!r} -> {r['prediction']!r} (reference {r['reference']!r})")
