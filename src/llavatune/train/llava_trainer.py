@@ -38,14 +38,13 @@ class LlavaTrainer(Trainer):
         self.generation_eval = generation_eval
         self.overfit_patience = overfit_patience
         self._eval_history: list[tuple[int, float, float | None]] = []  # (step, eval_loss, mean train loss)
+        self._blank_hooks: list = []
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.is_deepspeed_enabled and self.accelerator.deepspeed_plugin.zero_stage == 3 and not self._blank_hooks:
             self._install_blank_image_hooks(model)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    _blank_hooks: list = []
 
     def _install_blank_image_hooks(self, model) -> None:
         """Under ZeRO-3, a forward pass whose batch has no image still runs the vision tower and projector (on a
