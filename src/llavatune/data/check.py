@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from llavatune.config import ConfigError, config, parse_config
-from llavatune.data.encode import image_tokens_per_image
+from llavatune.data.encode import image_size, image_tokens_per_image
 from llavatune.data.images import MAX_PIXELS, to_rgb
 from llavatune.data.records import IMAGE_TOKEN, DataError, Record, parse_record, record_problems, write_records
 from llavatune.utils import UserError, atomic_write_text, resolve_under
@@ -488,7 +488,7 @@ def _load_processor(model: str):
     return processor, tokenizer
 
 
-def _measure_lengths(report: CheckReport, entries: list[_Entry], model: str, max_length: int) -> None:
+def _measure_lengths(report: CheckReport, entries: list[_Entry], model: str, max_length: int, root: Path) -> None:
     processor, tokenizer = _load_processor(model)
     note = None
     try:
@@ -504,8 +504,14 @@ def _measure_lengths(report: CheckReport, entries: list[_Entry], model: str, max
         n_text += [len(ids) for ids in tokenizer(texts[start : start + 1000], add_special_tokens=True)["input_ids"]]
     totals = []
     over = 0
+    # LLaVA-NeXT tiles each image by its size: count its real tokens from the image header
+    variable = processor is not None and hasattr(processor, "_get_number_of_features")
     for ent, nt in zip(clean, n_text):
-        n_img = per_image * len(ent.record.images)
+        if variable and ent.record.images:
+            sizes = [list(image_size(resolve_under(root, p))) for p in ent.record.images]
+            n_img = sum(processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens)
+        else:
+            n_img = per_image * len(ent.record.images)
         total = nt + n_img
         totals.append(total)
         if total > max_length:
@@ -600,7 +606,7 @@ def check_dataset(
 
     _check_images(report, entries, root, max_pixels, workers, progress)
     if model:
-        _measure_lengths(report, entries, model, max_length)
+        _measure_lengths(report, entries, model, max_length, root)
 
     for ent in entries:
         report.problems.extend(ent.errors)
