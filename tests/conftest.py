@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# Tiny models: one thread is fastest, and two threads per process on a shared 2-core machine can make OpenMP
+# spin-waits dominate (generation was ~15x slower in a loaded run). Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that tries the hub fails fast instead of hanging
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
