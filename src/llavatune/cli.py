@@ -23,6 +23,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("llavatune.train.run", "train: stage 1 projector pretraining or stage 2 LoRA / QLoRA / full fine-tuning"),
     "eval": ("llavatune.eval.evaluate", "generate answers for a dataset with any checkpoint and score them (VQA accuracy)"),
     "score": ("llavatune.eval.score", "VQA accuracy of predictions against official VQA / OK-VQA annotations"),
+    "report": ("llavatune.report", "regenerate a run's report.html / report.md: config, parameters, plots, best epoch, gallery"),
+    "plan": ("llavatune.plan", "estimate peak GPU memory per device for a training setup, and what to change if it does not fit"),
+    "synth": ("llavatune.data.synth", "generate LLaVA-Instruct-style conversations from captions and boxes with an OpenAI-compatible LLM"),
+    "predict": ("llavatune.infer.predict", "answer a question about an image, or a JSONL batch of them, with any checkpoint"),
+    "chat": ("llavatune.infer.chat", "interactive multi-turn chat about an image in the terminal, streamed"),
+    "merge": ("llavatune.infer.merge", "merge a LoRA/QLoRA adapter into its base: a standalone llava-hf model"),
+    "convert": ("llavatune.infer.convert", "convert an original haotian-liu/LLaVA checkpoint (or its LoRA output) to llava-hf"),
+    "serve": ("llavatune.infer.serve", "local web chat (upload an image, ask) with a JSON API, on 127.0.0.1"),
+    "demo": ("llavatune.demo", "the whole pipeline offline on built-in data: prepare, stage 1, stage 2 with eval, merge, predict"),
 }
 
 

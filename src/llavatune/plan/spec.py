@@ -1,0 +1,214 @@
+"""Model shapes for the memory planner, read from a config only (never weights).
+
+``load_spec(model)`` accepts ``tiny`` (the built-in tiny LLaVA), a local llava-hf directory (its
+``config.json``), a llavatune run or adapter checkpoint (its ``base_config.json``), a ``config.json`` file, or
+a hub id (``transformers.AutoConfig.from_pretrained`` fetches ``config.json`` only). Parameter counts are
+closed-form (``ModelSpec.count``) for Llama-style decoders (Llama, Vicuna, Mistral, Qwen2, ...) and CLIP /
+SigLIP vision towers; ``tests/test_plan.py`` checks them against the real modules built on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llavatune.utils import UserError
+
+# The tiny model of ``llavatune.model.tiny.build_tiny`` (its default arguments). The tokenizer is trained on
+# the run's own text, so its vocabulary is at most 2000 tokens; the planner uses that upper bound.
+TINY = {
+    "model_type": "llava",
+    "text_config": {
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 2000, "tie_word_embeddings": False,
+    },
+    "vision_config": {
+        "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "image_size": 32, "patch_size": 8,
+    },
+    "vision_feature_select_strategy": "default",
+    "vision_feature_layer": -2,
+}  # fmt: skip
+
+
+@dataclass
+class ModelSpec:
+    """The shapes that memory depends on. Names follow transformers' Llama / CLIP configs."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # vision tower (0 layers: a text-only model)
+    vision_type: str = ""
+    v_hidden: int = 0
+    v_intermediate: int = 0
+    v_layers: int = 0
+    image_size: int = 0
+    patch_size: int = 0
+    channels: int = 3
+    image_tokens: int = 0
+    """LLM positions one image takes: (image_size / patch)^2, +1 with the 'full' strategy, x tiles for NeXT."""
+    projector_in: int = 0
+    projector_bias: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ parameter counts
+    def llm_linears(self) -> list[tuple[str, int, int]]:
+        """(name, in_features, out_features) of the linear layers of ONE decoder layer."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
+                ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]  # fmt: skip
+
+    def count(self) -> dict[str, int]:
+        """Parameters by group: llm_linear (quantized by QLoRA), llm_other (norms, biases), embed, lm_head,
+        vision, projector."""
+        lin = sum(a * b for _, a, b in self.llm_linears()) * self.layers
+        bias = 0
+        if self.attention_bias:
+            bias += (self.heads + 2 * self.kv_heads) * self.head_dim + self.hidden
+        if self.mlp_bias:
+            bias += 2 * self.intermediate + self.hidden
+        other = (2 * self.layers + 1) * self.hidden + bias * self.layers
+        embed = self.vocab * self.hidden
+        lm_head = 0 if self.tied_embeddings else self.vocab * self.hidden
+        vh, vi, p = self.v_hidden, self.v_intermediate, self.patch_size
+        vision = 0
+        if self.v_layers:
+            patches = (self.image_size // p) ** 2
+            per_layer = 4 * (vh * vh + vh) + (vh * vi + vi) + (vi * vh + vh) + 4 * vh
+            if self.vision_type.startswith("siglip"):
+                vision = self.channels * p * p * vh + vh + patches * vh + self.v_layers * per_layer + 2 * vh
+            else:  # CLIP: class embedding, position embeddings incl. CLS, pre- and post-layernorm
+                vision = self.channels * p * p * vh + vh + (patches + 1) * vh + 4 * vh + self.v_layers * per_layer
+        projector = 0
+        if self.projector_in:
+            b = 1 if self.projector_bias else 0
+            projector = self.projector_in * self.hidden + b * self.hidden + self.hidden * self.hidden + b * self.hidden
+        return {"llm_linear": lin, "llm_other": other, "embed": embed, "lm_head": lm_head,
+                "vision": vision, "projector": projector}  # fmt: skip
+
+    def total_params(self) -> int:
+        return sum(self.count().values())
+
+    def lora_params(self, r: int) -> int:
+        """LoRA A (r x in) + B (out x r) on every linear layer of the LLM (llavatune's default targets)."""
+        return self.layers * sum(r * (a + b) for _, a, b in self.llm_linears())
+
+    def largest_linear(self) -> int:
+        return max(a * b for _, a, b in self.llm_linears())
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def spec_from_config(cfg: Any, name: str = "model") -> ModelSpec:
+    """A ``ModelSpec`` from a transformers config object or its ``to_dict()``."""
+    text = _get(cfg, "text_config") or cfg
+    vision = _get(cfg, "vision_config")
+    hidden = _get(text, "hidden_size")
+    if hidden is None:
+        raise UserError(f"{name}: the config has no hidden_size; not a decoder language model the planner understands")
+    heads = _get(text, "num_attention_heads")
+    head_dim = _get(text, "head_dim") or hidden // heads
+    spec = ModelSpec(
+        name=name,
+        hidden=hidden,
+        intermediate=_get(text, "intermediate_size") or 4 * hidden,
+        layers=_get(text, "num_hidden_layers"),
+        heads=heads,
+        kv_heads=_get(text, "num_key_value_heads") or heads,
+        head_dim=head_dim,
+        vocab=_get(text, "vocab_size"),
+        tied_embeddings=bool(_get(text, "tie_word_embeddings", False)),
+        attention_bias=bool(_get(text, "attention_bias", False)) or _get(text, "model_type") == "qwen2",
+        mlp_bias=bool(_get(text, "mlp_bias", False)),
+    )
+    ttype = _get(text, "model_type") or "?"
+    if ttype not in ("llama", "mistral", "qwen2", "qwen3", "vicuna"):
+        spec.notes.append(f"language model type '{ttype}' is counted as a Llama-style decoder (approximate)")
+    if vision is not None:
+        vtype = _get(vision, "model_type") or "clip_vision_model"
+        spec.vision_type = vtype
+        spec.v_hidden = _get(vision, "hidden_size")
+        spec.v_intermediate = _get(vision, "intermediate_size")
+        spec.v_layers = _get(vision, "num_hidden_layers")
+        spec.image_size = _get(vision, "image_size")
+        spec.patch_size = _get(vision, "patch_size")
+        spec.channels = _get(vision, "num_channels") or 3
+        n = (spec.image_size // spec.patch_size) ** 2
+        strategy = _get(cfg, "vision_feature_select_strategy", "default")
+        if strategy == "full" and not vtype.startswith("siglip"):
+            n += 1
+        mtype = _get(cfg, "model_type") or "llava"
+        if mtype == "llava_next":
+            # anyres: the base image plus up to 4 tiles (a 2x2 grid of image_grid_pinpoints) and newline tokens
+            side = spec.image_size // spec.patch_size
+            n = 5 * n + 2 * side
+            spec.notes.append("LLaVA-NeXT anyres counted as base image + 2x2 tiles (the largest common grid)")
+        spec.image_tokens = n
+        layer = _get(cfg, "vision_feature_layer", -2)
+        spec.projector_in = spec.v_hidden * (len(layer) if isinstance(layer, (list, tuple)) else 1)
+        spec.projector_bias = bool(_get(cfg, "multimodal_projector_bias", True))
+        if not (vtype.startswith("clip") or vtype.startswith("siglip")):
+            spec.notes.append(f"vision tower type '{vtype}' is counted as a CLIP-style ViT (approximate)")
+    return spec
+
+
+def load_config(model: str) -> tuple[Any, str]:
+    """The config (dict or transformers config) for ``model`` and a display name. Never reads weights."""
+    if model == "tiny":
+        return TINY, "tiny (built-in, vocabulary <= 2000)"
+    p = Path(model).expanduser()
+    if p.is_file() and p.suffix == ".json":
+        return json.loads(p.read_text(encoding="utf-8")), str(p)
+    if p.is_dir():
+        for fname in ("config.json", "base_config.json"):
+            if (p / fname).is_file():
+                return _auto_config(p / fname, str(p)), str(p)
+        raise UserError(f"--model: {p} holds no config.json (or base_config.json of a llavatune checkpoint)")
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise UserError(f"--model: {model!r} is neither 'tiny', an existing directory / config.json, nor a hub id")
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model), model
+    except Exception as e:  # offline, gated, typo
+        raise UserError(f"--model: could not read the config of {model!r} from the hub ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); pass a local directory or config.json") from None
+
+
+def _auto_config(path: Path, name: str) -> Any:
+    """Complete a config.json with transformers' defaults (llava-hf configs omit default values)."""
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.for_model(**raw)
+    except Exception:
+        return raw
+
+
+def load_spec(model: str) -> ModelSpec:
+    cfg, name = load_config(model)
+    if model != "tiny" and isinstance(cfg, dict) and cfg.get("model_type") in ("llava", "llava_next"):
+        # defaults for keys a hand-written or pruned config.json may omit
+        try:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.for_model(**cfg)
+        except Exception:
+            pass
+    return spec_from_config(cfg, name)

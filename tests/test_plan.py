@@ -1,0 +1,174 @@
+"""`llavatune plan`: parameter counts from configs, monotonicity, a live CPU step within 25 %, CLI output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llavatune.cli import main
+from llavatune.plan import PlanArgs, suggestions
+from llavatune.plan.estimate import GiB, Settings, estimate, layer_bytes
+from llavatune.plan.spec import TINY, load_spec, spec_from_config
+
+# llava-hf/llava-1.5-7b-hf and -13b-hf (config.json values; everything else is the transformers default)
+LLAVA_15 = {
+    "7b": {"model_type": "llava", "image_token_index": 32000, "vision_feature_layer": -2,
+           "vision_feature_select_strategy": "default",
+           "text_config": {"model_type": "llama", "vocab_size": 32064, "hidden_size": 4096,
+                           "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                           "num_key_value_heads": 32},
+           "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                             "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336,
+                             "patch_size": 14, "projection_dim": 768}},
+}
+LLAVA_15["13b"] = json.loads(json.dumps(LLAVA_15["7b"]))
+LLAVA_15["13b"]["text_config"].update(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                      num_attention_heads=40, num_key_value_heads=40)
+ONE_B = json.loads(json.dumps(LLAVA_15["7b"]))
+ONE_B["text_config"].update(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                            num_attention_heads=32, num_key_value_heads=32)
+ONE_B["vision_config"].update(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              image_size=224, patch_size=16, projection_dim=512)
+
+
+def write_config(tmp_path, cfg, name="m"):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("cfg", [TINY, ONE_B, LLAVA_15["7b"]], ids=["tiny", "1b", "7b"])
+def test_parameter_counts_match_the_real_modules(cfg):
+    import torch
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    spec = spec_from_config(cfg)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(AutoConfig.for_model(**json.loads(json.dumps(cfg))))
+    real = {"vision": 0, "projector": 0, "llm": 0}
+    for name, p in model.named_parameters():
+        key = "vision" if "vision_tower" in name else "projector" if "multi_modal_projector" in name else "llm"
+        real[key] += p.numel()
+    c = spec.count()
+    assert c["vision"] == real["vision"]
+    assert c["projector"] == real["projector"]
+    assert c["llm_linear"] + c["llm_other"] + c["embed"] + c["lm_head"] == real["llm"]
+    if cfg is LLAVA_15["7b"]:
+        assert abs(spec.total_params() / 1e9 - 7.06) < 0.01 and spec.image_tokens == 576
+
+
+def test_estimate_is_monotonic():
+    spec = spec_from_config(LLAVA_15["7b"])
+    base = Settings(method="lora", batch=8, max_length=2048)
+    peak = lambda **kw: estimate(spec, base.replace(**kw)).peak  # noqa: E731
+    assert peak(batch=4) < peak(batch=8) < peak(batch=16)
+    assert peak(max_length=1024) < peak(max_length=2048)
+    assert peak(gradient_checkpointing=True) < peak()
+    gc = {"gradient_checkpointing": True}
+    assert peak(method="qlora", **gc) < peak(method="lora", **gc) < peak(method="full", **gc)
+    assert peak(method="lora", batch=1) < peak(method="full", batch=1)
+    # LoRA dropout keeps a mask + a dropped copy of the input for each of the 7 adapted layers
+    assert peak(lora_dropout=0.0) < peak()
+    # without checkpointing QLoRA's fp32 residual stream (peft upcasts norms and embeddings) costs more than
+    # the 4-bit weights save at this batch: the planner must not pretend otherwise
+    assert peak(method="qlora") > peak(method="lora")
+    assert peak(method="full", zero=3, gpus=8) < peak(method="full", zero=2, gpus=8) < peak(method="full", zero=0)
+    assert peak(method="full", zero=2, gpus=8) < peak(method="full", zero=2, gpus=2)
+    assert peak(method="full", zero=3, gpus=8, offload=True) < peak(method="full", zero=3, gpus=8)
+    assert peak(lora_r=16) < peak(lora_r=128)
+    assert peak(padding_mask=False) < peak()
+    assert peak(device="cpu", lora_dropout=0.0) < peak(lora_dropout=0.0)  # no CUDA context or fragmentation
+    # the logits buffer: 12 bytes x tokens x vocab, often the single largest activation
+    e = estimate(spec, base.replace(batch=16))
+    assert e.row("logits") == 12 * 16 * 2048 * 32064
+    # QLoRA: NF4 + double-quant constants ~0.516 byte per LLM linear weight, the rest in fp32 (peft upcast)
+    q = estimate(spec, base.replace(method="qlora")).row("weights")
+    c = spec.count()
+    assert q == pytest.approx(c["llm_linear"] * (0.5 + 1 / 64 + 4 / 64 / 256) + (sum(c.values()) - c["llm_linear"]) * 4
+                              + spec.lora_params(128) * 4 + c["projector"] * 4)
+
+
+def test_layer_formula_counts_lora_inputs_per_adapted_layer():
+    spec = spec_from_config(ONE_B)
+    s = Settings(method="lora", dtype="fp32", device="cpu", lora_r=8, padding_mask=False, max_length=512)
+    parts = layer_bytes(spec, s)
+    h, i = 2048, 5632
+    assert parts["lora"] == 8 * (6 * h + i) + 7 * 8 * 4  # float dropout mask + dropped input, 4 bytes each
+    assert parts["mlp"] == 3 * i * 4 and parts["norms"] == 2 * (4 * h + 4)
+    gpu = layer_bytes(spec, s.replace(device="cuda", dtype="bf16"))
+    assert gpu["lora"] == 3 * (6 * h + i) + 7 * 8 * 2  # bool mask + bf16 input
+
+
+def test_tiny_estimate_is_within_25_percent_of_a_measured_cpu_step(tmp_path):
+    from llavatune.model.tiny import build_tiny
+    from llavatune.plan.measure import measure_in_subprocess
+
+    texts = ["What color is the shape?", "red green blue yellow", "How many shapes are there?", "a red circle"]
+    build_tiny(texts, tmp_path / "tiny")
+    batch, length = 16, 256
+    measured = measure_in_subprocess(tmp_path / "tiny", method="lora", dtype="fp32", batch=batch, length=length,
+                                     steps=2, lora_r=8, timeout=120)
+    spec = load_spec(str(tmp_path / "tiny"))
+    est = estimate(spec, Settings(method="lora", dtype="fp32", device="cpu", batch=batch, max_length=length, lora_r=8))
+    assert measured["trainable_params"] == spec.lora_params(8) + spec.count()["projector"]
+    err = est.peak / measured["peak_bytes"] - 1
+    assert abs(err) < 0.25, (est.peak, measured)
+    # the activation formula itself: autograd's saved tensors = activations + the saved fp32 log-softmax
+    saved = est.row("activations") + 4 * batch * length * spec.vocab
+    assert saved == pytest.approx(measured["saved_tensor_bytes"], rel=0.1)
+
+
+def test_cli_prints_breakdown_verdict_and_suggestions(tmp_path, capsys):
+    d = write_config(tmp_path, LLAVA_15["7b"], "llava7b")
+    assert main(["plan", "--model", str(d), "--method", "lora", "--batch", "16", "--max-length", "2048",
+                 "--gpu-mem", "24"]) == 0
+    out = capsys.readouterr().out
+    for word in ("weights", "optimizer states", "activations", "logits", "CUDA context", "576 image tokens",
+                 "DOES NOT FIT in 24 GiB", "what to change"):
+        assert word in out, word
+    assert "7.06B total" in out
+    # every suggestion is a real re-estimate, and at least one fits
+    spec = load_spec(str(d))
+    args = PlanArgs(model=str(d), method="lora", batch=16, max_length=2048, gpu_mem=24)
+    sugg = suggestions(spec, args.settings(), 24)
+    assert sugg and sugg[0].fits and all(s.estimate.peak < estimate(spec, args.settings()).peak for s in sugg)
+    assert any("--gradient-checkpointing" in s.change for s in sugg)
+    assert any(s.change.startswith("--method qlora") and "--gradient-checkpointing" in s.change for s in sugg)
+    first = sugg[0]
+    assert f"{first.estimate.peak / GiB:.2f} GiB  fits" in out
+
+
+def test_cli_fits_json_and_negated_flags(tmp_path, capsys):
+    js = tmp_path / "plan.json"
+    assert main(["plan", "--model", "tiny", "--batch", "4", "--max-length", "256", "--gradient-checkpointing",
+                 "--no-gradient-checkpointing", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "FITS in 80 GiB" in out and "no gradient checkpointing" in out
+    data = json.loads(js.read_text())
+    assert data["fits"] and data["settings"]["gradient_checkpointing"] is False
+    direct = estimate(load_spec("tiny"), Settings(batch=4, max_length=256))
+    assert data["peak_bytes"] == round(direct.peak)
+    assert [i["name"] for i in data["items"]][:2] == ["weights", "optimizer states"]
+
+
+def test_cli_rejects_bad_combinations(capsys):
+    assert main(["plan", "--model", "tiny", "--method", "qlora", "--zero", "3"]) == 2
+    assert "use --zero 2" in capsys.readouterr().err
+    assert main(["plan", "--model", "tiny", "--offload"]) == 2
+    assert "--offload needs --zero" in capsys.readouterr().err
+    assert main(["plan", "--model", "tiny", "--zero", "4"]) == 2
+    assert main(["plan", "--model", "./does/not/exist"]) == 1
+    assert "neither 'tiny'" in capsys.readouterr().err
+
+
+def test_published_llava15_setups_fit_where_they_were_run():
+    """LLaVA-1.5 fine-tuning (haotian-liu/LLaVA scripts/v1_5/finetune.sh): full FT, ZeRO-3, 8 GPUs, 16 per GPU,
+    2048 tokens, gradient checkpointing, bf16 — 13B on A100-80GB, 7B on A100-40GB (README)."""
+    for size, mem in (("13b", 80), ("7b", 40)):
+        spec = spec_from_config(LLAVA_15[size])
+        s = Settings(method="full", zero=3, gpus=8, batch=16, max_length=2048, gradient_checkpointing=True)
+        assert estimate(spec, s).peak < mem * GiB, size
+        # ... and would not without checkpointing
+        assert estimate(spec, s.replace(gradient_checkpointing=False)).peak > mem * GiB
