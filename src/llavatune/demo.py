@@ -38,7 +38,7 @@ class DemoConfig:
     """Synthetic training images (3 questions each)."""
     val_images: int = 40
     """Synthetic validation images (3 questions each)."""
-    pretrain_epochs: float = 2
+    pretrain_epochs: float = 1
     """Stage-1 (projector) epochs on the captions."""
     epochs: float = 10
     """Stage-2 (LoRA) epochs."""
