@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import machine  # benchmarks/_common.py (scripts run as python benchmarks/X.py)
 
 HERE = Path(__file__).resolve().parent
 TOLERANCE = 0.25
@@ -45,24 +45,6 @@ CASES = [
     ("1B LoRA bf16 autocast", "1b", "lora", "bf16", 1, 512, False),
     ("1B QLoRA (NF4, bf16 compute)", "1b", "qlora", "bf16", 1, 512, False),
 ]
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        mem = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
-        info["memory_gib"] = round(int(mem.split()[1]) / 1024**2, 1)
-    except (OSError, StopIteration):
-        pass
-    import torch
-    import transformers
-
-    info.update(torch=torch.__version__, transformers=transformers.__version__)
-    return info
 
 
 def build_models(work: Path) -> dict[str, Path]:

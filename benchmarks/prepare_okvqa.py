@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -22,30 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import machine  # benchmarks/_common.py (scripts run as python benchmarks/X.py)
+
 HERE = Path(__file__).resolve().parent
-
-
-def machine() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        mem = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
-        info["mem_total_gib"] = round(int(mem.split()[1]) / 2**20, 1)
-    except (OSError, StopIteration):
-        pass
-    try:
-        info["affinity_cores"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    return info
 
 
 def build(work: Path, n: int, size: int) -> dict:

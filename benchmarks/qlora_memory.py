@@ -31,9 +31,6 @@ Goal: QLoRA step peak <= 0.40x the bf16 LoRA step peak. Results go to
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import json
 import os
 import resource
@@ -59,27 +56,8 @@ WHAT_IF = "qlora_frozen_linears_bf16"
 # child process: one variant, one step
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _trim() -> None:
-    gc.collect()
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+# RSS probes shared with `llavatune plan --measure` (same method: VmRSS / VmHWM, peak reset via clear_refs)
+from llavatune.plan.measure import _reset_peak, _status, _trim  # noqa: E402
 
 
 def _warm_up() -> None:
