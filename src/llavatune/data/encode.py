@@ -11,7 +11,6 @@ truncation never cuts through an image's tokens: such a sample is dropped and co
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,11 +305,3 @@ class LlavaCollator:
                 batch["image_sizes"] = torch.cat([f["image_sizes"] for f in features if f.get("image_sizes") is not None])
             batch["pixel_values"] = torch.cat(pixels, dim=0)
         return batch
-
-
-def summarize_skips(datasets: list[LlavaDataset]) -> Counter:
-    c: Counter = Counter()
-    for d in datasets:
-        for reason, refs in d.skipped.items():
-            c[reason] += len(refs)
-    return c

@@ -200,7 +200,3 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
     p = Path(output_dir)
     return get_last_checkpoint(str(p)) if p.is_dir() else None
-
-
-def count_trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
