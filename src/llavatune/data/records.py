@@ -178,27 +178,39 @@ def parse_record(obj: Any, file: str | os.PathLike | None = None, index: int = 0
     return Record(id=str(rid), conversations=turns, images=images, extra=extra, source=str(file), index=index)
 
 
-def read_json_objects(path: str | os.PathLike) -> list[Any]:
-    """Read a ``.json`` list or a ``.jsonl`` file; errors name the file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(p, None, None, "file not found")
+def _read_text(p: Path) -> str:
     raw = p.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(p, None, None, f"invalid UTF-8 at byte {e.start} (line {line}); re-save the file as UTF-8") from None
+
+
+def read_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, Any]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file; errors name the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(p, None, None, "file not found")
+    rows = []
+    for n, line in enumerate(_read_text(p).split("\n"), 1):  # not splitlines(): U+2028 may sit in strings
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(p, f"on line {n}", None, f"not valid JSON: {e.msg}") from None
+    return rows
+
+
+def read_json_objects(path: str | os.PathLike) -> list[Any]:
+    """Read a ``.json`` list or a ``.jsonl`` file; errors name the file and line."""
+    p = Path(path)
     if p.suffix == ".jsonl":
-        objs = []
-        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit in strings
-            if not line.strip():
-                continue
-            try:
-                objs.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(p, f"on line {n}", None, f"not valid JSON: {e.msg}") from None
-        return objs
+        return [obj for _, obj in read_jsonl_lines(p)]
+    if not p.is_file():
+        raise DataError(p, None, None, "file not found")
+    text = _read_text(p)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -49,7 +49,15 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 from llavatune.config import ConfigError, config, parse_config
-from llavatune.data.records import IMAGE_TOKEN, DataError, Record, Turn, record_problems, write_records
+from llavatune.data.records import (
+    IMAGE_TOKEN,
+    DataError,
+    Record,
+    Turn,
+    read_jsonl_lines,
+    record_problems,
+    write_records,
+)
 from llavatune.utils import UserError, atomic_write_json, atomic_write_text, logger, resolve_under
 
 KINDS = ("conversation", "detail", "complex")
@@ -439,20 +447,7 @@ def load_coco(args: SynthArgs, path: Path, data: dict, root: Path) -> Iterable[I
 def load_jsonl(args: SynthArgs, path: Path, root: Path, data: Any = None) -> Iterable[Item | Reject]:
     """Items of a JSONL file (or of ``data``, the JSON list read from ``path``) of ``{image, captions, boxes}``."""
     if data is None:
-        rows = []
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise DataError(path, None, None, f"invalid UTF-8 on line {line}; re-save the file as UTF-8") from None
-        for n, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(path, f"on line {n}", None, f"not valid JSON: {e.msg}") from None
+        rows = read_jsonl_lines(path)
         label = "line"
     else:
         if not isinstance(data, list):
