@@ -118,7 +118,7 @@ def read_batch(path: str | Path, image_folder: str | Path | None = None) -> tupl
         raise UserError(f"--input: {p} does not exist")
     root = Path(image_folder) if image_folder else p.resolve().parent
     rows, queries = [], []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(p.read_text(encoding="utf-8").split("\n"), 1):  # not splitlines(): U+2028 in strings
         if not line.strip():
             continue
         where = f"{p} line {n}"
