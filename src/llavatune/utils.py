@@ -95,3 +95,17 @@ def setup_logging(level: int = logging.INFO) -> None:
         logger.addHandler(h)
     logger.setLevel(level)
     logger.propagate = False
+
+
+def finish_distributed() -> None:
+    """Wait for every rank, then tear the process group down before the interpreter exits.
+
+    Without this, a rank that finishes first exits while gloo's worker threads are still live; the C++ runtime
+    then aborts it ("terminate called without an active exception", SIGABRT) and torchrun fails the whole job
+    even though the work was done (https://github.com/pytorch/pytorch/issues/190489). Only on the success path: after an error a barrier would wait forever.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -23,7 +23,7 @@ from llavatune.data.records import Record, load_records, normalize_image_placeme
 from llavatune.eval.score import aggregate
 from llavatune.eval.vqa_metric import exact_match, token_f1, vqa_score
 from llavatune.infer.generate import Query, generate, split_for_eval
-from llavatune.utils import UserError, atomic_write_json, atomic_write_jsonl, resolve_under
+from llavatune.utils import UserError, atomic_write_json, atomic_write_jsonl, finish_distributed, resolve_under
 
 logger = logging.getLogger("llavatune")
 
@@ -185,6 +185,7 @@ def main(argv: list[str], prog: str) -> int:
         print(format_metrics(metrics))
         if cfg.out:
             print(f"wrote {cfg.out}/predictions.jsonl and {cfg.out}/metrics.json")
+    finish_distributed()
     return 0
 
 

@@ -22,7 +22,7 @@ from llavatune.config import ConfigError, parse_config, save_resolved
 from llavatune.data.encode import Encoder, LlavaCollator, LlavaDataset
 from llavatune.data.records import Record, load_records, normalize_image_placement
 from llavatune.train.train_config import DataArgs, EvalArgs, LlavaTrainingArguments, MethodArgs, ModelArgs
-from llavatune.utils import UserError, prepare_output_dir
+from llavatune.utils import UserError, finish_distributed, prepare_output_dir
 
 logger = logging.getLogger("llavatune")
 CONFIG_FILE = "llavatune_config.yaml"
@@ -305,4 +305,5 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
 def main(argv: list[str], prog: str) -> int:
     margs, dargs, mthd, eargs, targs = parse_config(SECTIONS, argv, prog=prog, description=__doc__.split("\n\n")[0])
     train(margs, dargs, mthd, eargs, targs)
+    finish_distributed()
     return 0
