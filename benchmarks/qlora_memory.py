@@ -45,11 +45,10 @@ import _common as C
 
 GOAL = 0.40
 VARIANTS = ("lora", "qlora")
-# What-if variant (not llavatune as shipped; --what-if): QLoRA with the frozen, unquantized *linear and conv*
-# weights (lm_head, the vision tower's) kept in bf16 instead of PEFT's prepare_model_for_kbit_training upcast to
-# fp32. Under bf16 autocast those layers compute in bf16 either way (autocast casts fp32 weights to bf16), so the
-# numbers are the same; only memory changes. Norms and embeddings stay as PEFT leaves them.
-WHAT_IF = "qlora_frozen_linears_bf16"
+# Reference variant (--what-if): QLoRA as PEFT's prepare_model_for_kbit_training leaves it, every unquantized
+# weight upcast to fp32 -- what llavatune did before it kept the frozen linear/conv weights (vision tower,
+# lm_head) in bf16 under autocast. Same numbers, more memory: it shows what that change saves.
+WHAT_IF = "qlora_peft_fp32_upcast"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,7 +122,7 @@ def child(a) -> dict[str, Any]:
                 marks["param_bytes_by_dtype"][key] = marks["param_bytes_by_dtype"].get(key, 0) + p.numel() * p.element_size()
 
     if a.variant == WHAT_IF:
-        _keep_frozen_linears_16bit()
+        _peft_upcast_only()
     argv = ["--model", a.model, "--data", a.data, "--output_dir", a.out, "--overwrite", "true",
             "--method", "qlora" if a.variant == WHAT_IF else a.variant, "--dtype", "bfloat16", "--bf16", "true", "--max_steps", "1",
             "--per_device_train_batch_size", str(a.batch_size), "--gradient_checkpointing", str(a.gradient_checkpointing),
@@ -152,24 +151,11 @@ def child(a) -> dict[str, Any]:
     }
 
 
-def _keep_frozen_linears_16bit() -> None:
-    """For the what-if variant: after llavatune's apply_method, cast frozen fp32 nn.Linear/nn.Conv2d weights
-    that are not LoRA or trainable back to bf16."""
-    import torch
-
+def _peft_upcast_only() -> None:
+    """For the reference variant: skip llavatune's cast of frozen linear/conv weights back to bf16."""
     from llavatune.model import loader
 
-    original = loader.apply_method
-
-    def apply_method(model, *args, **kwargs):
-        model = original(model, *args, **kwargs)
-        for name, mod in model.named_modules():
-            if type(mod) in (torch.nn.Linear, torch.nn.Conv2d) and "lora_" not in name and not any(
-                    p.requires_grad for p in mod.parameters()) and mod.weight.dtype == torch.float32:
-                mod.to(torch.bfloat16)
-        return model
-
-    loader.apply_method = apply_method
+    loader._keep_frozen_matmul_weights_16bit = lambda *args, **kwargs: None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=None)
     # internal: the measuring child process
     ap.add_argument("--what-if", action=argparse.BooleanOptionalAction, default=True,
-                    help=f"also measure {WHAT_IF} (QLoRA with frozen unquantized linear layers left in bf16; "
-                         "not what llavatune ships)")
+                    help=f"also measure {WHAT_IF} (QLoRA with every unquantized weight in fp32, as PEFT leaves it; "
+                         "what llavatune did before keeping frozen linear/conv weights in bf16)")
     ap.add_argument("--child", choices=VARIANTS + (WHAT_IF,), help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--data-json", help=argparse.SUPPRESS)
@@ -257,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"QLoRA step peak {mib(med['qlora'][key])} MiB vs bf16 LoRA {mib(med['lora'][key])} MiB: {ratio:.2f}x "
           f"(goal <= {GOAL}x: {'met' if ratio <= GOAL else 'NOT met'}); whole process incl. loading: {load_ratio:.2f}x")
     if a.what_if:
-        print(f"what-if {WHAT_IF}: {med[WHAT_IF][key] / med['lora'][key]:.2f}x the bf16 LoRA step")
+        print(f"reference {WHAT_IF}: {med[WHAT_IF][key] / med['lora'][key]:.2f}x the bf16 LoRA step")
     result = {
         "benchmark": "peak memory of one QLoRA step vs one bf16 LoRA step (llavatune train, fresh process each)",
         "command": "python benchmarks/qlora_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -268,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_including_loading": round(load_ratio, 3),
         "weights_only_floor_ratio": round(floor, 3),
         "quantizable_share": round(quantizable / n_params, 3),
-        "what_if_ratio": round(med[WHAT_IF][key] / med["lora"][key], 3) if a.what_if else None,
+        "peft_fp32_upcast_ratio": round(med[WHAT_IF][key] / med["lora"][key], 3) if a.what_if else None,
         "measure": ("torch.cuda.max_memory_allocated over the step" if cuda else
                     "VmHWM reset at step begin, read at step end, minus VmRSS before the model loaded (after imports "
                     "and a warm-up); MALLOC_MMAP_THRESHOLD_=131072"),

@@ -83,11 +83,19 @@ def test_estimate_is_monotonic():
     # the logits buffer: 12 bytes x tokens x vocab, often the single largest activation
     e = estimate(spec, base.replace(batch=16))
     assert e.row("logits") == 12 * 16 * 2048 * 32064
-    # QLoRA: NF4 + double-quant constants ~0.516 byte per LLM linear weight, the rest in fp32 (peft upcast)
+    # QLoRA: NF4 + double-quant constants ~0.516 byte per LLM linear weight; under autocast the frozen
+    # linear/conv weights (vision tower, lm_head, the projector's frozen original) in 16 bit, the rest in fp32
+    # (peft upcast), plus fp32 LoRA and the trainable projector copy
     q = estimate(spec, base.replace(method="qlora")).row("weights")
     c = spec.count()
-    assert q == pytest.approx(c["llm_linear"] * (0.5 + 1 / 64 + 4 / 64 / 256) + (sum(c.values()) - c["llm_linear"]) * 4
+    kept16 = spec.vision_matmul_params() + c["lm_head"] + c["projector"]
+    assert 0.9 * c["vision"] < spec.vision_matmul_params() < c["vision"]
+    assert q == pytest.approx(c["llm_linear"] * (0.5 + 1 / 64 + 4 / 64 / 256) + kept16 * 2
+                              + (sum(c.values()) - c["llm_linear"] - kept16) * 4
                               + spec.lora_params(128) * 4 + c["projector"] * 4)
+    q32 = estimate(spec, base.replace(method="qlora", dtype="fp32")).row("weights")  # no autocast: all fp32
+    assert q32 == pytest.approx(c["llm_linear"] * (0.5 + 1 / 64 + 4 / 64 / 256) + (sum(c.values()) - c["llm_linear"]) * 4
+                                + spec.lora_params(128) * 4 + c["projector"] * 4)
 
 
 def test_layer_formula_counts_lora_inputs_per_adapted_layer():

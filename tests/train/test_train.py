@@ -94,6 +94,48 @@ def test_qlora_runs_on_cpu_with_4bit_llm(shapes, tmp_path):
     assert meta["method"] == "qlora" and meta["quantization"]["quant_type"] == "nf4"
 
 
+def test_qlora_under_autocast_keeps_frozen_matmul_weights_16bit_with_identical_numbers(shapes, tmp_path):
+    """PEFT's kbit preparation upcasts every unquantized weight to fp32; under autocast llavatune casts the
+    frozen linear/conv ones (vision tower, lm_head) back. Same loss and gradients, less memory."""
+    import argparse
+
+    from llavatune.model import loader
+
+    out = tmp_path / "run"
+    trainer = run_train(["--model", "tiny", "--data", shapes["train"], "--output_dir", out, "--max_steps", "1",
+                         "--save_strategy", "no", "--method", "qlora", "--dtype", "bfloat16", "--bf16", "true", "--use_cpu", "true",
+                         "--val_data", shapes["val"], "--eval_strategy", "steps", "--eval_steps", "1",
+                         "--eval_max_samples", "4", *FAST])
+    # between-epoch generation runs under the training autocast too (16-bit weights meet fp32 norm outputs)
+    assert any("eval_vqa_accuracy" in h for h in trainer.state.log_history)
+    params = dict(trainer.model.named_parameters())
+    vision = [p for n, p in params.items() if "vision_tower" in n and n.endswith(("q_proj.weight", "fc1.weight"))]
+    assert vision and all(p.dtype == torch.bfloat16 for p in vision)
+    assert params["base_model.model.lm_head.weight"].dtype == torch.bfloat16
+    for n, p in params.items():  # what trains, and the norms and embeddings, stay as PEFT leaves them: fp32
+        if p.requires_grad or "norm" in n or n.endswith(("embed_tokens.weight", "position_embedding.weight")):
+            assert p.dtype == torch.float32, n
+    batch = next(iter(trainer.get_train_dataloader()))
+    quant = loader.quantization_kwargs(4, "nf4", True, torch.bfloat16)
+    margs = argparse.Namespace(lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_modules=None,
+                               train_vision="frozen", lora_modules_to_save=None)
+    results = []
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model, _ = loader.load_base(str(out / "base_model"), torch.bfloat16, quantization=quant)
+        model = loader.apply_method(model, "finetune", "qlora", margs, autocast=autocast)
+        fp32_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype == torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads, fp32_bytes))
+    (loss_a, grads_a, fp32_a), (loss_b, grads_b, fp32_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    assert fp32_b < fp32_a
+
+
 def test_pretrain_trains_projector_only(shapes, tmp_path):
     out = tmp_path / "stage1"
     trainer = run_train(["--model", "tiny", "--data", shapes["captions"], "--output_dir", out, "--max_steps", "3",

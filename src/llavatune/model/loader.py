@@ -197,8 +197,12 @@ def _is_linear(mod) -> bool:
     return type(mod).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
-def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpointing: bool = False):
-    """Freeze/unfreeze for the stage and method; wrap with LoRA when asked. Returns the model to train."""
+def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpointing: bool = False,
+                 autocast: bool = False):
+    """Freeze/unfreeze for the stage and method; wrap with LoRA when asked. Returns the model to train.
+
+    ``autocast``: training will run under bf16/fp16 autocast (``--bf16``/``--fp16``); QLoRA then keeps the
+    frozen, unquantized matmul weights in their 16-bit dtype (see ``_keep_frozen_matmul_weights_16bit``)."""
     model.requires_grad_(False)
     inner = model.model
     projector = getattr(inner, PROJECTOR)
@@ -217,7 +221,9 @@ def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpoint
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    loaded_dtypes = {}
     if method == "qlora":
+        loaded_dtypes = {id(p): p.dtype for p in model.parameters()}
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.enable_input_require_grads()
@@ -241,7 +247,33 @@ def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpoint
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lcfg)
+    model = get_peft_model(model, lcfg)
+    if method == "qlora" and autocast:
+        _keep_frozen_matmul_weights_16bit(model, loaded_dtypes)
+    return model
+
+
+def _keep_frozen_matmul_weights_16bit(model: torch.nn.Module, loaded_dtypes: dict[int, torch.dtype]) -> None:
+    """Undo PEFT's fp32 upcast for frozen ``nn.Linear``/``nn.Conv2d`` weights (vision tower, lm_head).
+
+    ``prepare_model_for_kbit_training`` upcasts every unquantized parameter to fp32, for the norms' sake. Under
+    autocast a linear or conv layer casts an fp32 weight back to 16 bit before the matmul, and the weight held
+    the 16-bit value it was loaded with, so keeping it in 16 bit computes exactly the same numbers and halves
+    its memory: for LLaVA-1.5-7B (CLIP ViT-L + lm_head) ~0.8 GiB. Norms, embeddings (their outputs set the
+    residual stream's dtype), trainable weights (LoRA, the projector copy) and weights shared with such a
+    module (tied embeddings) stay as PEFT left them. Without autocast nothing changes: an fp32 input would
+    meet a 16-bit weight.
+    """
+    matmul = (torch.nn.Linear, torch.nn.Conv2d)
+    elsewhere = {id(p) for m in model.modules() if type(m) not in matmul for p in m.parameters(recurse=False)}
+    for m in model.modules():
+        if type(m) not in matmul:  # exact types: bitsandbytes' Linear4bit subclasses nn.Linear
+            continue
+        for p in m.parameters(recurse=False):
+            was = loaded_dtypes.get(id(p))
+            if (not p.requires_grad and p.dtype == torch.float32 and was in (torch.bfloat16, torch.float16)
+                    and id(p) not in elsewhere):
+                p.data = p.data.to(was)
 
 
 def parameter_summary(model: torch.nn.Module) -> str:

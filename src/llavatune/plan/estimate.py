@@ -7,8 +7,10 @@ docs/memory.md for the derivation and the validation against measured steps):
   linear layers in 4-bit NF4: 0.5 byte/param + one absmax per 64 weights (fp32, or 8-bit + a second-level
   fp32 constant per 256 blocks with double quantization). Everything else (vision tower, projector,
   embeddings, lm_head, norms) is not quantized, and ``peft.prepare_model_for_kbit_training`` upcasts it to
-  fp32. LoRA adapters are fp32 (PEFT's ``autocast_adapter_dtype``); the projector is trained through
-  ``modules_to_save``, i.e. a second, trainable copy.
+  fp32; under autocast llavatune casts the frozen linear/conv weights among them (vision tower, lm_head, the
+  projector's frozen original) back to 16 bit (``loader._keep_frozen_matmul_weights_16bit``). LoRA adapters
+  are fp32 (PEFT's ``autocast_adapter_dtype``); the projector is trained through ``modules_to_save``, i.e. a
+  second, trainable copy.
 - **gradients + AdamW** (torch fused AdamW, HF's default): per trainable parameter a gradient and two
   moments in the parameter's own dtype. Under DeepSpeed the model is cast to bf16 and ZeRO keeps an fp32
   master copy + two fp32 moments (12 bytes) per trainable parameter: ZeRO-1 shards those over the GPUs,
@@ -183,9 +185,13 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
     if s.method == "qlora":
         qb = 0.5 + (1 / BLOCK + 4 / (BLOCK * 256) if s.double_quant else 4 / BLOCK)
         other_b = 2 if (ds and amp) else 4
-        weights = counts["llm_linear"] * qb + (total - counts["llm_linear"]) * other_b
+        # frozen linear/conv weights kept in 16 bit under autocast (DeepSpeed casts everything to bf16 anyway)
+        kept16 = spec.vision_matmul_params() + counts["lm_head"] + counts["projector"] if (amp and not ds) else 0
+        other = total - counts["llm_linear"] - kept16
+        weights = counts["llm_linear"] * qb + other * other_b + kept16 * 2
         wdetail = (f"{fmt_count(counts['llm_linear'])} LLM linear x {qb:.3f} bytes (NF4) + "
-                   f"{fmt_count((total - counts['llm_linear']))} other x {other_b} bytes")
+                   f"{fmt_count(other)} other x {other_b} bytes"
+                   + (f" + {fmt_count(kept16)} frozen linear/conv x 2 bytes" if kept16 else ""))
     else:
         weights = total * w
         wdetail = f"{fmt_count(total)} params x {w} bytes"
@@ -270,10 +276,11 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
         backward.append(Item("logits", logits, logits_detail))
     if amp and not ds:
         # autocast caches the 16-bit copy of every fp32 weight a matmul needs for backward: the fp32 LoRA
-        # adapters (and, under QLoRA, the upcast trainable projector and the frozen lm_head)
+        # adapters (and, under QLoRA, the upcast trainable projector, and a tied lm_head: it shares the
+        # embedding's fp32 weight, so it is not cast back to 16 bit)
         fp32_w = lora + (proj if s.method == "qlora" else 0)
-        if s.method == "qlora":
-            fp32_w += counts["lm_head"] or counts["embed"]
+        if s.method == "qlora" and not counts["lm_head"]:
+            fp32_w += counts["embed"]
         if fp32_w:
             backward.append(Item("autocast weight copies", 2 * fp32_w,
                                  f"{fmt_count(fp32_w)} fp32 weights cast to 16 bit and kept for backward"))

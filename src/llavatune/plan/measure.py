@@ -126,7 +126,7 @@ def measure(model_dir: str, method: str = "lora", dtype: str = "fp32", batch: in
         model = AutoModelForImageTextToText.from_pretrained(model_dir, **kwargs)
         margs = argparse.Namespace(lora_r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout,
                                    lora_target_modules=None, train_vision="frozen")
-        model = loader.apply_method(model, "finetune", method, margs, gradient_checkpointing)
+        model = loader.apply_method(model, "finetune", method, margs, gradient_checkpointing, autocast=dtype == "bf16")
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()

@@ -97,6 +97,15 @@ class ModelSpec:
         return {"llm_linear": lin, "llm_other": other, "embed": embed, "lm_head": lm_head,
                 "vision": vision, "projector": projector}  # fmt: skip
 
+    def vision_matmul_params(self) -> int:
+        """Vision-tower parameters held by linear and conv layers (patch embedding, attention, MLP): the part
+        of the frozen tower QLoRA keeps in 16 bit under autocast; the rest (norms, position embeddings) is
+        upcast to fp32 by PEFT."""
+        if not self.v_layers:
+            return 0
+        vh, vi, p = self.v_hidden, self.v_intermediate, self.patch_size
+        return self.channels * p * p * vh + self.v_layers * (4 * (vh * vh + vh) + (vh * vi + vi) + (vi * vh + vh))
+
     def total_params(self) -> int:
         return sum(self.count().values())
 

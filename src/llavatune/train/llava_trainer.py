@@ -82,7 +82,11 @@ class LlavaTrainer(Trainer):
         if metric_key_prefix != "eval":
             return output
         if self.generation_eval is not None:
-            for k, v in self.generation_eval(self.model).items():
+            # generate() reaches the inner model's forward, not the one accelerate wrapped in autocast: enter it
+            # here, so generation runs in the training precision (QLoRA's 16-bit frozen weights need it)
+            with self.accelerator.autocast():
+                metrics = self.generation_eval(self.model)
+            for k, v in metrics.items():
                 output.metrics[f"{metric_key_prefix}_{k}"] = v
         loss = output.metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:

@@ -214,7 +214,8 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         state = loader.projector_state(margs.pretrained_projector)
         model.model.multi_modal_projector.load_state_dict(state)
         logger.info(f"loaded stage-1 projector from {margs.pretrained_projector}")
-    model = loader.apply_method(model, mthd.stage, mthd.method, mthd, targs.gradient_checkpointing or False)
+    model = loader.apply_method(model, mthd.stage, mthd.method, mthd, targs.gradient_checkpointing or False,
+                                autocast=bool(targs.bf16 or targs.fp16))
     logger.info(loader.parameter_summary(model))
 
     # Tokenize, mask and self-check before any training step
