@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "plan_validation.json"))
     a = ap.parse_args(argv)
 
-    from llavatune.plan.estimate import Settings, estimate
+    from llavatune.plan.estimate import Settings, estimate, supervised_tokens
     from llavatune.plan.measure import measure_in_subprocess
     from llavatune.plan.spec import load_spec
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                      gradient_checkpointing=gc, padding_mask=True)
         e = estimate(spec, s)
         err = e.peak / m["peak_bytes"] - 1
-        saved_est = (e.row("activations") + 4 * batch * length * spec.vocab + e.row("autocast weight copies")
+        saved_est = (e.row("activations") + 4 * batch * supervised_tokens(spec, s) * spec.vocab + e.row("autocast weight copies")
                      if not gc else None)
         row = {
             "case": name, "model": model, "params": spec.total_params(), "method": method, "dtype": dtype,

@@ -8,7 +8,7 @@ import pytest
 
 from llavatune.cli import main
 from llavatune.plan import PlanArgs, suggestions
-from llavatune.plan.estimate import GiB, Settings, estimate, layer_bytes
+from llavatune.plan.estimate import GiB, Settings, estimate, layer_bytes, supervised_tokens
 from llavatune.plan.spec import TINY, load_spec, spec_from_config
 
 # llava-hf/llava-1.5-7b-hf and -13b-hf (config.json values; everything else is the transformers default)
@@ -80,9 +80,12 @@ def test_estimate_is_monotonic():
     assert peak(lora_r=16) < peak(lora_r=128)
     assert peak(padding_mask=False) < peak()
     assert peak(device="cpu", lora_dropout=0.0) < peak(lora_dropout=0.0)  # no CUDA context or fragmentation
-    # the logits buffer: 12 bytes x tokens x vocab, often the single largest activation
+    # the logits buffer: 12 bytes x supervised tokens x vocab; by default every text token (the worst case),
+    # and far less for short answers, since llavatune computes logits only at supervised positions
     e = estimate(spec, base.replace(batch=16))
-    assert e.row("logits") == 12 * 16 * 2048 * 32064
+    assert e.row("logits") == 12 * 16 * (2048 - 576) * 32064
+    assert estimate(spec, base.replace(batch=16, supervised_tokens=8)).row("logits") == 12 * 16 * 8 * 32064
+    assert peak(supervised_tokens=8) < peak()
     # QLoRA: NF4 + double-quant constants ~0.516 byte per LLM linear weight; under autocast the frozen
     # linear/conv weights (vision tower, lm_head, the projector's frozen original) in 16 bit, the rest in fp32
     # (peft upcast), plus fp32 LoRA and the trainable projector copy
@@ -124,7 +127,7 @@ def test_tiny_estimate_is_within_25_percent_of_a_measured_cpu_step(tmp_path):
     err = est.peak / measured["peak_bytes"] - 1
     assert abs(err) < 0.25, (est.peak, measured)
     # the activation formula itself: autograd's saved tensors = activations + the saved fp32 log-softmax
-    saved = est.row("activations") + 4 * batch * length * spec.vocab
+    saved = est.row("activations") + 4 * batch * supervised_tokens(spec, est.settings) * spec.vocab
     assert saved == pytest.approx(measured["saved_tensor_bytes"], rel=0.1)
 
 

@@ -136,6 +136,37 @@ def test_qlora_under_autocast_keeps_frozen_matmul_weights_16bit_with_identical_n
     assert fp32_b < fp32_a
 
 
+def test_loss_from_supervised_positions_only_equals_the_full_logits_loss(shapes, tmp_path):
+    """LlavaTrainer computes logits only where the next token is supervised: same loss, same gradients."""
+    from llavatune.train.llava_trainer import forward_loss, supervised_positions
+
+    trainer = run_train(["--model", "tiny", "--data", shapes["train"], "--output_dir", tmp_path / "run", "--max_steps", "1",
+                         "--save_strategy", "no", *FAST])
+    model = trainer.model.eval()  # no dropout: both passes see the same network
+    batch = next(iter(trainer.get_train_dataloader()))
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < n < batch["labels"].numel() // 4  # answers are a small part of a VQA sample
+
+    def loss_and_grads(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn()
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    full, full_g = loss_and_grads(lambda: model(**batch).loss)
+    for fn in (lambda: trainer.compute_loss(model, dict(batch)),  # mean over this batch
+               lambda: trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(n)),  # sum / count
+               lambda: forward_loss(model, batch)):
+        loss, grads = loss_and_grads(fn)
+        torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-6)
+        assert grads.keys() == full_g.keys()
+        for k in grads:
+            torch.testing.assert_close(grads[k], full_g[k], rtol=1e-4, atol=1e-6, msg=k)
+    kept = model(**{k: v for k, v in batch.items() if k != "labels"},
+                 logits_to_keep=supervised_positions(batch["labels"])).logits
+    assert kept.shape[0] == n  # one row of logits per supervised token, not one per position
+
+
 def test_pretrain_trains_projector_only(shapes, tmp_path):
     out = tmp_path / "stage1"
     trainer = run_train(["--model", "tiny", "--data", shapes["captions"], "--output_dir", out, "--max_steps", "3",

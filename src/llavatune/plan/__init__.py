@@ -56,11 +56,16 @@ class PlanArgs:
     """Batches contain padding, so attention gets a mask (materialized per layer by SDPA). Off: equal lengths."""
     images: int = 1
     """Images per sample."""
+    supervised_tokens: Optional[int] = None
+    """Tokens per sample the loss is computed on (the answers and end-of-turn tokens; llavatune computes logits
+    only there). Default: every text token, the worst case; a short-answer VQA sample has about 5."""
     json: Optional[str] = None
     """Also write the estimate (and the suggestions) as JSON to this file ('-' for stdout only)."""
 
     def __post_init__(self):
         check_choice("zero", self.zero, (0, 1, 2, 3))
+        if self.supervised_tokens is not None and self.supervised_tokens <= 0:
+            raise ConfigError(f"--supervised-tokens: must be positive, got {self.supervised_tokens}")
         for name in ("batch", "max_length", "gpus", "lora_r"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
@@ -76,7 +81,7 @@ class PlanArgs:
             method=self.method, zero=self.zero, batch=self.batch, max_length=self.max_length, gpus=self.gpus,
             gradient_checkpointing=self.gradient_checkpointing, lora_r=self.lora_r, lora_dropout=self.lora_dropout,
             offload=self.offload, dtype=self.dtype, device=self.device, padding_mask=self.padding_mask,
-            images_per_sample=self.images,
+            images_per_sample=self.images, supervised_tokens=self.supervised_tokens,
         )
 
 

@@ -18,8 +18,10 @@ docs/memory.md for the derivation and the validation against measured steps):
   the weights) to CPU memory.
 - **activations** (tensors saved for backward, per token of B x L, per decoder layer): see ``layer_bytes``.
   With gradient checkpointing a layer keeps only its input and one layer is recomputed at a time.
-- **logits**: lm_head output for every position, upcast to fp32 for the loss; at the start of backward the
-  saved log-softmax, the NLL gradient and the log-softmax gradient coexist: 12 bytes x B x L x vocab.
+- **logits**: lm_head output, upcast to fp32 for the loss, at the supervised positions only (llavatune passes
+  them as ``logits_to_keep``; ``supervised_tokens`` per sample, by default every text token: the worst case);
+  at the start of backward the saved log-softmax, the NLL gradient and the log-softmax gradient coexist:
+  12 bytes x B x supervised tokens x vocab.
 - **overhead** (``--device cuda`` only): CUDA context + cuBLAS workspaces, NCCL buffers with several GPUs,
   and the caching allocator's fragmentation as a fraction of the dynamic (per-step) memory.
 """
@@ -57,6 +59,7 @@ class Settings:
     padding_mask: bool = True
     images_per_sample: int = 1
     double_quant: bool = True
+    supervised_tokens: int | None = None
 
     def replace(self, **kw) -> Settings:
         return dataclasses.replace(self, **kw)
@@ -108,6 +111,12 @@ def fmt_count(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
     return str(int(n))
+
+
+def supervised_tokens(spec: ModelSpec, s: Settings) -> int:
+    """Tokens per sample with logits (the loss's): ``s.supervised_tokens``, by default every text token."""
+    text = max(1, s.max_length - (s.images_per_sample * spec.image_tokens if spec.image_tokens else 0))
+    return min(s.supervised_tokens, s.max_length) if s.supervised_tokens else text
 
 
 def _dtype_bytes(dtype: str) -> int:
@@ -253,8 +262,10 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
     tail = 4 * spec.hidden + 4 + ((e_s + e_c) * spec.hidden if s.method == "full" else 0)
     n_img = s.images_per_sample if spec.image_tokens else 0
     proj_act = s.batch * n_img * spec.image_tokens * (spec.projector_in + 2 * spec.hidden) * e_c
-    logits = 12 * spec.vocab * tokens
-    logits_detail = f"12 bytes x {s.batch} x {s.max_length} tokens x vocab {spec.vocab:,}: fp32 log-softmax + 2 grads"
+    sup = supervised_tokens(spec, s)
+    logits = 12 * spec.vocab * s.batch * sup
+    logits_detail = (f"12 bytes x {s.batch} x {sup} supervised tokens x vocab {spec.vocab:,}: fp32 log-softmax + 2 grads"
+                     + ("" if s.supervised_tokens else " (every text token: --supervised-tokens for your answers)"))
     if s.gradient_checkpointing:
         kept = spec.layers * e_s * spec.hidden * tokens + (s.batch * s.max_length**2 if s.padding_mask else 0)
         kept += tail * tokens + proj_act

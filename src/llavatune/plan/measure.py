@@ -112,6 +112,7 @@ def measure(model_dir: str, method: str = "lora", dtype: str = "fp32", batch: in
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     from llavatune.model import loader
+    from llavatune.train.llava_trainer import forward_loss
 
     torch.manual_seed(0)
     tdtype = torch.float32 if dtype == "fp32" else torch.bfloat16
@@ -134,8 +135,8 @@ def measure(model_dir: str, method: str = "lora", dtype: str = "fp32", batch: in
         return model, params, torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
 
     def step(model, params, opt, inputs) -> float:
-        with amp:
-            loss = model(**inputs).loss  # outputs (logits) are dropped before backward, as in Trainer
+        with amp:  # the Trainer's loss: logits only at supervised positions; outputs dropped before backward
+            loss = forward_loss(model, inputs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -184,6 +185,8 @@ def _saved_bytes(model, inputs, amp) -> int:
     """Bytes of the distinct non-parameter storages autograd saves in one forward (the activations)."""
     import torch
 
+    from llavatune.train.llava_trainer import forward_loss
+
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -195,7 +198,7 @@ def _saved_bytes(model, inputs, amp) -> int:
         return t
 
     with amp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**inputs).loss
+        loss = forward_loss(model, inputs)
     del loss
     return sum(seen.values())
 

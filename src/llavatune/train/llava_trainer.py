@@ -17,13 +17,52 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from llavatune.data.encode import IGNORE_INDEX
 from llavatune.model.loader import PROJECTOR, VISION, write_meta
 
 logger = logging.getLogger("llavatune")
 
 
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` bool: the positions whose *next* token is supervised (``labels[:, 1:] != -100``, shifted back).
+
+    Passed to the model as ``logits_to_keep``, so the lm_head and the fp32 cross-entropy run only there instead
+    of at every position: a VQA sample has a few answer tokens among ~650 (576 of them image tokens), and the
+    ``B x L x vocab`` fp32 logits (12 bytes per element with their gradients) are often the largest activation.
+    """
+    shift = labels[:, 1:] != IGNORE_INDEX
+    return torch.nn.functional.pad(shift, (0, 1), value=False)
+
+
+def supervised_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross-entropy from logits kept at ``supervised_positions(labels)`` (``(N, vocab)``, row-major).
+
+    The same number as transformers' causal-LM loss on full logits: fp32 cross-entropy, summed and divided by
+    ``num_items_in_batch`` (the Trainer's count of supervised tokens over the accumulated batch) when given,
+    else the mean over this batch's supervised tokens.
+    """
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+    shift = labels[:, 1:]
+    targets = shift[shift != IGNORE_INDEX].to(logits.device)
+    if num_items_in_batch is None:
+        return torch.nn.functional.cross_entropy(logits.float(), targets)
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+def forward_loss(model, inputs: dict[str, Any]) -> torch.Tensor:
+    """One forward and the mean loss over supervised tokens, as ``LlavaTrainer`` computes it (logits only at
+    supervised positions). For code that steps a model outside the Trainer (``plan --measure``)."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    return supervised_lm_loss(model(**inputs, logits_to_keep=supervised_positions(labels)), labels)
+
+
 class LlavaTrainer(Trainer):
-    """``Trainer`` + per-module learning rates, image-aware length grouping, and generation-based metrics.
+    """``Trainer`` + per-module learning rates, image-aware length grouping, generation-based metrics, and
+    logits computed only where a label is (``supervised_positions``; same loss, less memory and compute).
 
     ``generation_eval(model) -> {"vqa_accuracy": ..., ...}`` runs inside every evaluation, so its metrics
     arrive with ``eval_loss`` in the same log record: TensorBoard/W&B, ``metrics.jsonl``, best-checkpoint
@@ -39,11 +78,16 @@ class LlavaTrainer(Trainer):
         self.overfit_patience = overfit_patience
         self._eval_history: list[tuple[int, float, float | None]] = []  # (step, eval_loss, mean train loss)
         self._blank_hooks: list = []
+        # The Trainer's own hook for a custom loss: it pops the labels, counts supervised tokens across the
+        # accumulated batch (num_items_in_batch) and scales for accumulation and devices as for the model's loss
+        kwargs.setdefault("compute_loss_func", supervised_lm_loss)
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.is_deepspeed_enabled and self.accelerator.deepspeed_plugin.zero_stage == 3 and not self._blank_hooks:
             self._install_blank_image_hooks(model)
+        if self.compute_loss_func is supervised_lm_loss and inputs.get("labels") is not None:
+            inputs = {**inputs, "logits_to_keep": supervised_positions(inputs["labels"])}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _install_blank_image_hooks(self, model) -> None:
