@@ -102,7 +102,8 @@ def finish_distributed() -> None:
 
     Without this, a rank that finishes first exits while gloo's worker threads are still live; the C++ runtime
     then aborts it ("terminate called without an active exception", SIGABRT) and torchrun fails the whole job
-    even though the work was done (https://github.com/pytorch/pytorch/issues/190489). Only on the success path: after an error a barrier would wait forever.
+    even though the work was done (https://github.com/pytorch/pytorch/issues/190489). Only on the success path:
+    after an error a barrier would wait forever.
     """
     import torch.distributed as dist
 
