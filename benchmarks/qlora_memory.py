@@ -56,7 +56,7 @@ WHAT_IF = "qlora_peft_fp32_upcast"
 
 
 # RSS probes shared with `llavatune plan --measure` (same method: VmRSS / VmHWM, peak reset via clear_refs)
-from llavatune.plan.measure import _reset_peak, _status, _trim  # noqa: E402
+from llavatune.plan.measure import proc_status, reset_peak, trim_heap  # noqa: E402
 
 
 def _warm_up() -> None:
@@ -88,17 +88,17 @@ def child(a) -> dict[str, Any]:
     from llavatune.train.run import SECTIONS, train
 
     _warm_up()
-    _trim()
-    baseline = _status("VmRSS")
+    trim_heap()
+    baseline = proc_status("VmRSS")
     marks: dict[str, Any] = {"baseline_rss": baseline}
 
     class StepMemory(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kw):
             if state.global_step:
                 return
-            _trim()
-            marks["before_step_rss"] = _status("VmRSS")
-            marks["peak_reset"] = _reset_peak()
+            trim_heap()
+            marks["before_step_rss"] = proc_status("VmRSS")
+            marks["peak_reset"] = reset_peak()
             if cuda:
                 torch.cuda.synchronize()
                 marks["before_step_vram"] = torch.cuda.memory_allocated()
@@ -111,7 +111,7 @@ def child(a) -> dict[str, Any]:
             if cuda:
                 torch.cuda.synchronize()
                 marks["step_peak_vram"] = torch.cuda.max_memory_allocated()
-            marks["step_peak_rss"] = _status("VmHWM")
+            marks["step_peak_rss"] = proc_status("VmHWM")
             marks["step_seconds"] = time.perf_counter() - marks["t_step"]
             m = model
             marks["trainable_params"] = sum(p.numel() for p in m.parameters() if p.requires_grad)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _status(key: str) -> int:
+def proc_status(key: str) -> int:
     """A ``/proc/self/status`` value in bytes (VmRSS, VmHWM)."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -37,7 +37,7 @@ def _status(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -46,7 +46,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def _trim() -> None:
+def trim_heap() -> None:
     gc.collect()
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -149,25 +149,25 @@ def measure(model_dir: str, method: str = "lora", dtype: str = "fp32", batch: in
     model, params, opt = build()
     step(model, params, opt, make_batch(model, 1, min(length, image_tokens(model) + 32), padding))
     del model, params, opt
-    _trim()
-    base = _status("VmRSS")
+    trim_heap()
+    base = proc_status("VmRSS")
     t0 = time.time()
     model, params, opt = build()
     inputs = make_batch(model, batch, length, padding)
-    _trim()
-    loaded = _status("VmRSS")
+    trim_heap()
+    loaded = proc_status("VmRSS")
     load_s = time.time() - t0
 
     t1 = time.time()
     peaks, losses = [], []
-    can_reset = _reset_peak()
+    can_reset = reset_peak()
     for _ in range(steps):
         losses.append(step(model, params, opt, inputs))
-        peaks.append(_status("VmHWM"))
-        _trim()
-        _reset_peak()
+        peaks.append(proc_status("VmHWM"))
+        trim_heap()
+        reset_peak()
     step_s = (time.time() - t1) / max(1, steps)
-    with_states = _status("VmRSS")
+    with_states = proc_status("VmRSS")
     result: dict[str, Any] = {
         "model_dir": str(model_dir), "method": method, "dtype": dtype, "batch": batch, "length": length,
         "lora_r": lora_r, "gradient_checkpointing": gradient_checkpointing, "padding": padding, "steps": steps,
