@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from llavatune.config import ConfigError, config, parse_config
-from llavatune.data.encode import image_size, image_tokens_per_image
+from llavatune.data.encode import anyres_image_tokens, has_variable_image_tokens, image_size, image_tokens_per_image
 from llavatune.data.images import MAX_PIXELS, to_rgb
 from llavatune.data.records import IMAGE_TOKEN, DataError, Record, parse_record, record_problems, write_records
 from llavatune.utils import UserError, atomic_write_text, resolve_under
@@ -497,7 +497,7 @@ def _measure_lengths(report: CheckReport, entries: list[_Entry], model: str, max
             note = "tokenizer only: image tokens not counted"
     except ValueError as e:
         per_image, note = 0, f"image tokens not counted: {e}"
-    clean = [e for e in entries if e.record is not None and not any(p.severity == ERROR for p in e.errors)]
+    clean = [e for e in entries if e.record is not None and not _has_error(e)]
     texts = ["\n".join(t.value.replace(IMAGE_TOKEN, "") for t in e.record.conversations) for e in clean]
     n_text: list[int] = []
     for start in range(0, len(texts), 1000):
@@ -505,11 +505,10 @@ def _measure_lengths(report: CheckReport, entries: list[_Entry], model: str, max
     totals = []
     over = 0
     # LLaVA-NeXT tiles each image by its size: count its real tokens from the image header
-    variable = processor is not None and hasattr(processor, "_get_number_of_features")
+    variable = processor is not None and has_variable_image_tokens(processor)
     for ent, nt in zip(clean, n_text):
         if variable and ent.record.images:
-            sizes = [list(image_size(resolve_under(root, p))) for p in ent.record.images]
-            n_img = sum(processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens)
+            n_img = sum(anyres_image_tokens(processor, [image_size(resolve_under(root, p)) for p in ent.record.images]))
         else:
             n_img = per_image * len(ent.record.images)
         total = nt + n_img

@@ -69,6 +69,16 @@ def image_tokens_per_image(processor: Any) -> int:
     return n
 
 
+def has_variable_image_tokens(processor: Any) -> bool:
+    """LLaVA-NeXT tiles each image by its size ("any resolution"): its token count depends on the image."""
+    return hasattr(processor, "_get_number_of_features")
+
+
+def anyres_image_tokens(processor: Any, image_sizes) -> list[int]:
+    """Tokens of each image for an any-resolution processor, from each image's (height, width)."""
+    return list(processor._get_num_multimodal_tokens(image_sizes=[list(s) for s in image_sizes]).num_image_tokens)
+
+
 def image_size(path) -> tuple[int, int]:
     """(height, width) from the image header, without decoding the pixels."""
     from PIL import Image
@@ -97,8 +107,7 @@ class Encoder:
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.segmenter = get_segmenter(self.template, self.processor)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        # LLaVA-NeXT tiles each image by its size ("any resolution"): its token count depends on the image.
-        self.variable_image_tokens = hasattr(self.processor, "_get_number_of_features")
+        self.variable_image_tokens = has_variable_image_tokens(self.processor)
         self.n_image_tokens = 0 if self.variable_image_tokens else image_tokens_per_image(self.processor)
         self.eos = self.tokenizer.eos_token or ""
         probe = self.tokenizer("a").input_ids
@@ -111,7 +120,7 @@ class Encoder:
             return [self.n_image_tokens] * n
         if image_sizes is None or len(image_sizes) != n:
             raise ValueError("LLaVA-NeXT prompts need the (height, width) of every image")
-        return list(self.processor._get_num_multimodal_tokens(image_sizes=[list(s) for s in image_sizes]).num_image_tokens)
+        return anyres_image_tokens(self.processor, image_sizes)
 
     def _ids(self, text: str, counts: list[int]) -> list[int]:
         out: list[int] = []

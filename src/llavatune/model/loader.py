@@ -145,7 +145,23 @@ def load_base(
     device_map: Any = None,
 ):
     """Load a llava-hf model and its processor from a hub id or local dir."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+    from transformers import AutoProcessor
+
+    model = load_model(ref, dtype, quantization, trust_remote_code, attn_implementation, device_map)
+    processor = AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    return model, processor
+
+
+def load_model(
+    ref: str,
+    dtype: torch.dtype,
+    quantization: dict | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    device_map: Any = None,
+):
+    """The model half of ``load_base`` (also for a bare weights directory, which has no processor)."""
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     check_model_ref(ref)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
@@ -156,9 +172,7 @@ def load_base(
         kwargs["device_map"] = device_map if device_map is not None else _kbit_device_map()
     elif device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForImageTextToText.from_pretrained(ref, **kwargs)
-    processor = AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
-    return model, processor
+    return AutoModelForImageTextToText.from_pretrained(ref, **kwargs)
 
 
 def _kbit_device_map():
@@ -229,10 +243,9 @@ def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpoint
         model.enable_input_require_grads()
     if margs.lora_target_modules:
         names = [n.strip() for n in margs.lora_target_modules.split(",") if n.strip()]
-        target = rf".*language_model.*\.({'|'.join(map(re.escape, names))})$"
     else:
         names = linear_module_names(model, "language_model")
-        target = rf".*language_model.*\.({'|'.join(map(re.escape, names))})$"
+    target = rf".*language_model.*\.({'|'.join(map(re.escape, names))})$"
     if margs.train_vision == "lora":
         vnames = linear_module_names(model, VISION)
         target = rf"({target})|(.*{VISION}.*\.({'|'.join(map(re.escape, vnames))})$)"

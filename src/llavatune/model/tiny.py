@@ -156,7 +156,7 @@ def build_tiny(
     return model, processor
 
 
-def build_smoke(ref: str, out_dir: str | os.PathLike, texts: Iterable[str] = ()):
+def build_smoke(ref: str, out_dir: str | os.PathLike):
     """``--smoke``: a tiny random model of the same families as ``ref`` (2 layers, small widths) with
     ``ref``'s own processor and tokenizer, so data, template and image-token bugs surface in seconds."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor

@@ -123,6 +123,14 @@ def _dtype_bytes(dtype: str) -> int:
     return 4 if dtype in ("fp32", "float32") else 2
 
 
+def _element_bytes(s: Settings) -> tuple[int, int]:
+    """Bytes per element of (matmul operands, residual stream / element-wise tensors). Autocast makes
+    matmul operands 16-bit; the stream stays fp32 in fp32 training and under QLoRA without DeepSpeed (PEFT's
+    upcast norms make it fp32; DeepSpeed casts the whole model to 16 bit)."""
+    amp = s.dtype != "fp32"
+    return (2 if amp else 4), (4 if (not amp or (s.method == "qlora" and s.zero == 0)) else 2)
+
+
 def layer_bytes(spec: ModelSpec, s: Settings) -> dict[str, float]:
     """Bytes saved for backward by ONE decoder layer, per token (B x L of them), split by part.
 
@@ -141,10 +149,7 @@ def layer_bytes(spec: ModelSpec, s: Settings) -> dict[str, float]:
     - the MLP keeps gate output, SiLU output and up output in the stream dtype (fp32 under QLoRA: the
       upcast norms make the residual stream fp32 and bitsandbytes returns the input's dtype).
     """
-    amp = s.dtype != "fp32"
-    ds = s.zero > 0
-    e_c = 2 if amp else 4  # matmul operands under autocast
-    e_s = 4 if (not amp or (s.method == "qlora" and not ds)) else 2  # residual stream / elementwise
+    e_c, e_s = _element_bytes(s)
     mask = 0 if s.lora_dropout == 0 else (1 if s.device == "cuda" else 4)
     h, i = spec.hidden, spec.intermediate
     q_dim = spec.heads * spec.head_dim
@@ -183,8 +188,7 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
     n = max(1, s.gpus) if ds else 1
     amp = s.dtype != "fp32"
     w = _dtype_bytes(s.dtype)
-    e_c = 2 if amp else 4
-    e_s = 4 if (not amp or (s.method == "qlora" and not ds)) else 2
+    e_c, e_s = _element_bytes(s)
     tokens = s.batch * s.max_length
     resident: list[Item] = []
     backward: list[Item] = []

@@ -109,7 +109,6 @@ def measure(model_dir: str, method: str = "lora", dtype: str = "fp32", batch: in
             padding: bool = True, saved_tensors: bool = True) -> dict[str, Any]:
     """Peak resident memory of ``steps`` training steps (bytes), measured in this process."""
     import torch
-    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     from llavatune.model import loader
     from llavatune.train.llava_trainer import forward_loss
@@ -119,12 +118,9 @@ def measure(model_dir: str, method: str = "lora", dtype: str = "fp32", batch: in
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
 
     def build():
-        # the model half of loader.load_base (a bare weights directory has no processor to load)
-        kwargs: dict[str, Any] = {"dtype": tdtype, "attn_implementation": "sdpa"}
-        if method == "qlora":
-            quant = loader.quantization_kwargs(4, "nf4", True, tdtype)
-            kwargs.update(quantization_config=BitsAndBytesConfig(**quant), device_map={"": "cpu"})
-        model = AutoModelForImageTextToText.from_pretrained(model_dir, **kwargs)
+        quant = loader.quantization_kwargs(4, "nf4", True, tdtype) if method == "qlora" else None
+        model = loader.load_model(str(model_dir), tdtype, quantization=quant, attn_implementation="sdpa",
+                                  device_map={"": "cpu"} if quant else None)
         margs = argparse.Namespace(lora_r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout,
                                    lora_target_modules=None, train_vision="frozen")
         model = loader.apply_method(model, "finetune", method, margs, gradient_checkpointing, autocast=dtype == "bf16")

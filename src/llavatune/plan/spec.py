@@ -81,11 +81,11 @@ class ModelSpec:
         other = (2 * self.layers + 1) * self.hidden + bias * self.layers
         embed = self.vocab * self.hidden
         lm_head = 0 if self.tied_embeddings else self.vocab * self.hidden
-        vh, vi, p = self.v_hidden, self.v_intermediate, self.patch_size
+        vh, p = self.v_hidden, self.patch_size
         vision = 0
         if self.v_layers:
             patches = (self.image_size // p) ** 2
-            per_layer = 4 * (vh * vh + vh) + (vh * vi + vi) + (vi * vh + vh) + 4 * vh
+            per_layer = self._vision_linear_per_layer() + 4 * vh  # + two layer norms
             if self.vision_type.startswith("siglip"):
                 vision = self.channels * p * p * vh + vh + patches * vh + self.v_layers * per_layer + 2 * vh
             else:  # CLIP: class embedding, position embeddings incl. CLS, pre- and post-layernorm
@@ -103,8 +103,12 @@ class ModelSpec:
         upcast to fp32 by PEFT."""
         if not self.v_layers:
             return 0
-        vh, vi, p = self.v_hidden, self.v_intermediate, self.patch_size
-        return self.channels * p * p * vh + self.v_layers * (4 * (vh * vh + vh) + (vh * vi + vi) + (vi * vh + vh))
+        return self.channels * self.patch_size**2 * self.v_hidden + self.v_layers * self._vision_linear_per_layer()
+
+    def _vision_linear_per_layer(self) -> int:
+        """q, k, v, out projections and the two MLP layers of one vision encoder layer, with biases."""
+        vh, vi = self.v_hidden, self.v_intermediate
+        return 4 * (vh * vh + vh) + (vh * vi + vi) + (vi * vh + vh)
 
     def total_params(self) -> int:
         return sum(self.count().values())

@@ -94,7 +94,7 @@ def build_base(margs: ModelArgs, mthd: MethodArgs, base_dir: Path, texts: list[s
     if margs.model in ("tiny", "tiny-next"):
         build_tiny(texts, base_dir, next=margs.model == "tiny-next")
     elif mthd.smoke:
-        build_smoke(margs.language_model if margs.model == "compose" else margs.model, base_dir, texts)
+        build_smoke(margs.language_model if margs.model == "compose" else margs.model, base_dir)
     else:
         loader.compose_llava(
             margs.vision_model, margs.language_model, base_dir, margs.projector,
