@@ -141,6 +141,22 @@ def write_result(name: str, result: dict[str, Any], path: Path | None = None) ->
     return path
 
 
+def chat_messages(turns: Iterable[Any]) -> list[dict[str, Any]]:
+    """A record's turns as chat-template messages (``{"role", "content": [parts]}``), the layout of llava-hf's
+    ``apply_chat_template`` and TRL's VLM datasets: the image token becomes an ``{"type": "image"}`` part."""
+    from llavatune.data.records import IMAGE_TOKEN
+
+    msgs = []
+    for t in turns:
+        parts, text = [], t.value
+        if IMAGE_TOKEN in text:
+            parts.append({"type": "image"})
+            text = text.replace(IMAGE_TOKEN, "").strip("\n")
+        parts.append({"type": "text", "text": text})
+        msgs.append({"role": {"human": "user", "gpt": "assistant", "system": "system"}[t.role], "content": parts})
+    return msgs
+
+
 def median(xs: Iterable[float]) -> float:
     return statistics.median(list(xs))
 

@@ -37,18 +37,13 @@ import _common as C
 GOAL = 4.0
 
 
-def to_messages(turns) -> list[dict[str, Any]]:
-    from llavatune.data.records import IMAGE_TOKEN
+def batch1_inputs(processor, q):
+    """One question's model inputs as the batch-1 loop builds them: the processor's chat template + image."""
+    from llavatune.data.images import open_image
 
-    msgs = []
-    for t in turns:
-        parts, text = [], t.value
-        if IMAGE_TOKEN in text:
-            parts.append({"type": "image"})
-            text = text.replace(IMAGE_TOKEN, "").strip("\n")
-        parts.append({"type": "text", "text": text})
-        msgs.append({"role": {"human": "user", "gpt": "assistant", "system": "system"}[t.role], "content": parts})
-    return msgs
+    prompt = processor.apply_chat_template(C.chat_messages(q.turns), add_generation_prompt=True)
+    image = open_image(q.images[0])
+    return processor(images=image, text=prompt, return_tensors="pt")
 
 
 def batch1_loop(model, processor, queries, max_new_tokens: int, device: str, dtype) -> tuple[list[str], list[int]]:
@@ -56,17 +51,12 @@ def batch1_loop(model, processor, queries, max_new_tokens: int, device: str, dty
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from llavatune.data.images import open_image
-
     class CustomDataset(Dataset):
         def __len__(self):
             return len(queries)
 
         def __getitem__(self, i):
-            q = queries[i]
-            prompt = processor.apply_chat_template(to_messages(q.turns), add_generation_prompt=True)
-            image = open_image(q.images[0])
-            return processor(images=image, text=prompt, return_tensors="pt")
+            return batch1_inputs(processor, queries[i])
 
     loader = DataLoader(CustomDataset(), batch_size=1, shuffle=False, num_workers=0, collate_fn=lambda b: b[0])
     answers, new_tokens = [], []
@@ -129,12 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     pred = load_predictor(str(base), dtype=a.dtype, device=a.device)
     model, encoder, processor = pred.model, pred.encoder, pred.processor
     dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
-    prompt_lens = [len(encoder.prompt_ids(q.turns)) for q in queries]
-    same_prompts = sum(
-        encoder.prompt_ids(q.turns) == processor(images=_img(q), text=processor.apply_chat_template(
-            to_messages(q.turns), add_generation_prompt=True), return_tensors="pt")["input_ids"][0].tolist()
-        for q in queries)
-    print(f"model: {base.name} ({C.model_params(base) / 1e6:.1f}M parameters); {len(queries)} questions, "
+    prompt_ids = [encoder.prompt_ids(q.turns) for q in queries]
+    prompt_lens = [len(ids) for ids in prompt_ids]
+    same_prompts = sum(ids == batch1_inputs(processor, q)["input_ids"][0].tolist() for ids, q in zip(prompt_ids, queries))
+    n_params = C.model_params(base)
+    print(f"model: {base.name} ({n_params / 1e6:.1f}M parameters); {len(queries)} questions, "
           f"prompts {min(prompt_lens)}-{max(prompt_lens)} tokens; llavatune and the processor build identical prompt "
           f"ids for {same_prompts}/{len(queries)}; batch {a.batch_size}, max_new_tokens {a.max_new_tokens}, "
           f"{threads} torch thread(s)", flush=True)
@@ -229,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                          "decode_only_ratio": round(decode, 2)},
         "llavatune_eval_end_to_end": {"seconds_incl_loading": round(e2e_seconds, 2), "metrics": {
             k: metrics.get(k) for k in ("n", "vqa_accuracy", "exact_match")}},
-        "setup": {"model": base.name, "parameters": C.model_params(base), "samples": len(queries),
+        "setup": {"model": base.name, "parameters": n_params, "samples": len(queries),
                   "batch_size": a.batch_size, "max_new_tokens": a.max_new_tokens, "generated_tokens": gen_tokens,
                   "prompt_tokens": sum(prompt_lens), "dtype": str(dtype).replace("torch.", ""), "repeats": a.repeats,
                   "torch_threads": threads},
@@ -242,12 +231,6 @@ def main(argv: list[str] | None = None) -> int:
                                   if x != y][:5])
         return 1
     return 0
-
-
-def _img(q):
-    from llavatune.data.images import open_image
-
-    return open_image(q.images[0])
 
 
 if __name__ == "__main__":

@@ -22,18 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine  # benchmarks/_common.py (scripts run as python benchmarks/X.py)
+from _common import LLAVA_1B, machine  # benchmarks/_common.py (scripts run as python benchmarks/X.py)
 
 HERE = Path(__file__).resolve().parent
 TOLERANCE = 0.25
-
-ONE_B = {
-    "text": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                 tie_word_embeddings=False),
-    "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   image_size=224, patch_size=16, projection_dim=512),
-}
 
 # (name, model, method, dtype, batch, length, gradient checkpointing)
 CASES = [
@@ -59,7 +51,7 @@ def build_models(work: Path) -> dict[str, Path]:
                  "a red circle on the left and a blue square on the right", "Is there a triangle? yes no"]
         build_tiny(texts, out["tiny"])
     if not (out["1b"] / "config.json").is_file():
-        cfg = LlavaConfig(vision_config=CLIPVisionConfig(**ONE_B["vision"]), text_config=LlamaConfig(**ONE_B["text"]),
+        cfg = LlavaConfig(vision_config=CLIPVisionConfig(**LLAVA_1B["vision"]), text_config=LlamaConfig(**LLAVA_1B["text"]),
                           image_token_index=31999, image_seq_length=196, vision_feature_layer=-2,
                           vision_feature_select_strategy="default")
         torch.manual_seed(0)

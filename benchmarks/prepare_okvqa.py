@@ -21,9 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine  # benchmarks/_common.py (scripts run as python benchmarks/X.py)
-
-HERE = Path(__file__).resolve().parent
+from _common import RESULTS, machine, write_result  # benchmarks/_common.py (scripts run as python benchmarks/X.py)
 
 
 def build(work: Path, n: int, size: int) -> dict:
@@ -94,7 +92,7 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=14000, help="questions (= images, one question each)")
     ap.add_argument("--image-sizes", type=int, nargs="+", default=[64, 224], help="image sizes to run, px")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "llavatune-bench")
-    ap.add_argument("--results", type=Path, default=HERE / "results" / "prepare_okvqa.json")
+    ap.add_argument("--results", type=Path, default=RESULTS / "prepare_okvqa.json")
     args = ap.parse_args()
 
     runs = []
@@ -116,9 +114,7 @@ def main() -> None:
         "machine": machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.results}")
+    write_result("prepare_okvqa", result, args.results)
 
 
 if __name__ == "__main__":

@@ -118,22 +118,10 @@ def run_llavatune(a, base: Path, data: Path, out: Path) -> dict[str, Any]:
 
 def trl_rows(data: Path, n: int) -> list[dict[str, Any]]:
     """The same records in the "messages" + "images" layout of TRL's VLM example datasets."""
-    from llavatune.data.records import IMAGE_TOKEN, load_records, normalize_image_placement
+    from llavatune.data.records import load_records, normalize_image_placement
 
-    rows = []
-    for r in [normalize_image_placement(r) for r in load_records(str(data))][:n]:
-        msgs = []
-        for t in r.conversations:
-            role = {"human": "user", "gpt": "assistant"}[t.role]
-            parts = []
-            text = t.value
-            if IMAGE_TOKEN in text:
-                parts.append({"type": "image"})
-                text = text.replace(IMAGE_TOKEN, "").strip("\n")
-            parts.append({"type": "text", "text": text})
-            msgs.append({"role": role, "content": parts})
-        rows.append({"messages": msgs, "images": [str(data.parent / p) for p in r.images]})
-    return rows
+    return [{"messages": C.chat_messages(r.conversations), "images": [str(data.parent / p) for p in r.images]}
+            for r in [normalize_image_placement(r) for r in load_records(str(data))][:n]]
 
 
 def run_trl(a, base: Path, data: Path, out: Path) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import email.utils
 import hashlib
 import http.client
 import json
+import math
 import os
 import random
 import re
@@ -61,7 +62,6 @@ from llavatune.data.records import (
 from llavatune.utils import UserError, atomic_write_json, atomic_write_text, logger, resolve_under
 
 KINDS = ("conversation", "detail", "complex")
-BOX_FORMATS = ("xywh", "xyxy", "xyxy_norm")
 
 #: Instructions of ``detail`` samples; each image always gets the same one (a hash of its path picks it).
 DETAIL_INSTRUCTIONS: tuple[str, ...] = (
@@ -303,7 +303,7 @@ def normalize_box(bbox: Any, fmt: str, width: float | None, height: float | None
         a, b, c, d = (float(v) for v in bbox)
     except (TypeError, ValueError):
         raise _ItemError("bad-box", f"bbox must be a list of 4 numbers, got {bbox!r}") from None
-    if not all(map(_finite, (a, b, c, d))):
+    if not all(map(math.isfinite, (a, b, c, d))):
         raise _ItemError("bad-box", f"bbox holds a non-finite number: {bbox!r}")
     if fmt == "xywh":
         if c < 0 or d < 0:
@@ -318,10 +318,6 @@ def normalize_box(bbox: Any, fmt: str, width: float | None, height: float | None
             raise _ItemError("image-size-unknown", "the image size is needed to normalize pixel boxes")
         x1, x2, y1, y2 = x1 / width, x2 / width, y1 / height, y2 / height
     return tuple(round(min(1.0, max(0.0, v)), 3) for v in (x1, y1, x2, y2))  # type: ignore[return-value]
-
-
-def _finite(v: float) -> bool:
-    return v == v and v not in (float("inf"), float("-inf"))
 
 
 def format_box(category: str, box: Sequence[float]) -> str:
