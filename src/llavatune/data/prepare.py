@@ -44,7 +44,15 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 import yaml
 
 from llavatune.config import ConfigError, config, parse_config
-from llavatune.data.records import IMAGE_TOKEN, DataError, Record, Turn, write_records
+from llavatune.data.records import (
+    IMAGE_TOKEN,
+    DataError,
+    Record,
+    Turn,
+    read_json_objects,
+    read_jsonl_lines,
+    write_records,
+)
 from llavatune.utils import UserError, atomic_write_json, atomic_write_text, prepare_output_dir, resolve_under
 
 VQA_SUFFIX = "Answer the question using a single word or phrase."
@@ -516,7 +524,15 @@ class _Columns:
     answer: str
     answers: str | None
     id: str | None
-    flag: str  # "column" or "key", for messages
+    flag: str  # "column" or "key": the options are --image-column / --image-key, ...
+
+    def required(self) -> list[tuple[str, str]]:
+        """``(name, option)`` for each column the table must have, in the order they are checked."""
+        need = [(self.image, "image"), (self.question, "question")]
+        if not self.answers:
+            need.append((self.answer, "answer"))
+        need += [(c, opt) for c, opt in ((self.answers, "answers"), (self.id, "id")) if c]
+        return [(c, f"{opt}-{self.flag}") for c, opt in need]
 
 
 def _row_item(
@@ -599,10 +615,7 @@ def _open_csv(opts: CsvOptions) -> Opened:
     if not header:
         raise DataError(file, None, None, "empty file; expected a header row")
     header = [h.strip() for h in header]
-    required = [(cols.image, "image-column"), (cols.question, "question-column")]
-    if not cols.answers:
-        required.append((cols.answer, "answer-column"))
-    for name, flag in required + [(c, f) for c, f in ((cols.answers, "answers-column"), (cols.id, "id-column")) if c]:
+    for name, flag in cols.required():
         if name not in header:
             raise DataError(file, None, name, f"column not found; the header has: {', '.join(header)} (set --{flag})")
     stem = file.stem
@@ -629,26 +642,10 @@ def _open_jsonl(opts: JsonlOptions) -> Opened:
         raise DataError(file, None, None, "file not found (--input)")
     root = _image_root(opts.image_root, file.parent)
     cols = _Columns(opts.image_key, opts.question_key, opts.answer_key, opts.answers_key, opts.id_key, "key")
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(file, None, None, f"invalid UTF-8 at byte {e.start}; re-save the file as UTF-8") from None
-    objs: list[tuple[str, Any]] = []
     if file.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(file, None, None, f"not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-        if not isinstance(data, list):
-            raise DataError(file, None, None, "expected a JSON list of objects (or a .jsonl file, one per line)")
-        objs = [(f"#{i}", o) for i, o in enumerate(data)]
+        objs = [(f"#{i}", o) for i, o in enumerate(read_json_objects(file))]
     else:
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    objs.append((f"line {n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(file, f"line {n}", None, f"not valid JSON: {e.msg}") from None
+        objs = [(f"line {n}", o) for n, o in read_jsonl_lines(file)]
     stem = file.stem
 
     def iterate(_stage: Path) -> Iterator[Item | Reject]:
@@ -772,11 +769,10 @@ def _open_hf(opts: HfOptions) -> Opened:
         raise
     names = list(features)
     src = Path(opts.input)
-    cols = [(opts.image_column, "image-column"), (opts.question_column, "question-column")]
-    if not opts.answers_column:
-        cols.append((opts.answer_column, "answer-column"))
-    cols += [(c, f) for c, f in ((opts.answers_column, "answers-column"), (opts.id_column, "id-column")) if c]
-    for name, flag in cols:
+    cols = _Columns(
+        opts.image_column, opts.question_column, opts.answer_column, opts.answers_column, opts.id_column, "column"
+    )
+    for name, flag in cols.required():
         if name not in names:
             cleanup()
             raise DataError(src, None, name, f"column not found; the dataset has: {', '.join(names)} (set --{flag})")
@@ -792,7 +788,7 @@ def _open_hf(opts: HfOptions) -> Opened:
         ds = ds.cast_column(opts.image_column, datasets.Image(decode=False))
     root = _image_root(opts.image_root, base)
     answer_col = opts.answer_column if opts.answer_column in names else "\0absent"
-    table_cols = _Columns("\0image", opts.question_column, answer_col, opts.answers_column, opts.id_column, "column")
+    table_cols = dataclasses.replace(cols, image="\0image", answer=answer_col)
     stem = src.stem if src.suffix else src.name
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") or "hf"
     written: set[str] = set()

@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from llavatune.utils import UserError, atomic_write_json
 
@@ -39,8 +39,17 @@ ROLE_ALIASES = {
 class DataError(UserError):
     """Bad input data. ``str()`` is ``FILE: record ID: field FIELD: message``."""
 
-    def __init__(self, file: str | os.PathLike | None, record: Any, field_name: str | None, message: str):
+    def __init__(
+        self,
+        file: str | os.PathLike | None,
+        record: Any,
+        field_name: str | None,
+        message: str,
+        *,
+        line: int | None = None,
+    ):
         self.file, self.record, self.field, self.message = file, record, field_name, message
+        self.line = line  # line number in ``file``, when the error is about one line
         parts = [str(file) if file else "<data>"]
         if record is not None:
             parts.append(f"record {record}")
@@ -74,9 +83,6 @@ class Record:
     @property
     def n_placeholders(self) -> int:
         return sum(t.value.count(IMAGE_TOKEN) for t in self.conversations)
-
-    def first(self, role: str) -> str | None:
-        return next((t.value for t in self.conversations if t.role == role), None)
 
     def to_llava(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id}
@@ -187,20 +193,32 @@ def _read_text(p: Path) -> str:
         raise DataError(p, None, None, f"invalid UTF-8 at byte {e.start} (line {line}); re-save the file as UTF-8") from None
 
 
-def read_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, Any]]:
-    """``(line number, object)`` for each non-blank line of a JSONL file; errors name the file and line."""
+def iter_jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """Lazy :func:`read_jsonl_lines`: a missing or non-UTF-8 file fails at once, bad JSON when its line is reached.
+
+    For callers that check each object as it comes, so the first bad line (of any kind) is the one reported.
+    """
     p = Path(path)
     if not p.is_file():
         raise DataError(p, None, None, "file not found")
-    rows = []
-    for n, line in enumerate(_read_text(p).split("\n"), 1):  # not splitlines(): U+2028 may sit in strings
+    return parse_jsonl(p, _read_text(p))
+
+
+def parse_jsonl(p: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, object)`` for each non-blank line of JSONL ``text`` read from ``p`` (named in errors)."""
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit in strings
         if not line.strip():
             continue
         try:
-            rows.append((n, json.loads(line)))
+            obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(p, f"on line {n}", None, f"not valid JSON: {e.msg}") from None
-    return rows
+            raise DataError(p, f"on line {n}", None, f"not valid JSON: {e.msg}", line=n) from None
+        yield n, obj
+
+
+def read_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, Any]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file; errors name the file and line."""
+    return list(iter_jsonl_lines(path))
 
 
 def read_json_objects(path: str | os.PathLike) -> list[Any]:

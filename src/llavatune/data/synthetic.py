@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llavatune.data.prepare import majority_answer
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 170, 40),
@@ -305,13 +307,9 @@ def _annotation(layout: str, image_id: int, qid: int, qtype: str, atype: str, an
         {"answer": a, "answer_confidence": rng.choice(("yes", "yes", "yes", "maybe")), "answer_id": j + 1}
         for j, a in enumerate(raws)
     ]
-    counts: dict[str, int] = {}
-    for a in raws:
-        counts[a] = counts.get(a, 0) + 1
-    majority = max(counts, key=lambda a: (counts[a], -raws.index(a)))
     return {
         "question_type": qtype,
-        "multiple_choice_answer": majority,
+        "multiple_choice_answer": majority_answer(raws),
         "answers": answers,
         "image_id": image_id,
         "answer_type": atype,

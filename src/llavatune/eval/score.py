@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Hashable, Iterator, Mapping, Optional
 
 from llavatune.config import ConfigError, config, parse_config
+from llavatune.data.records import DataError, parse_jsonl
 from llavatune.utils import UserError, atomic_write_json
 
 from .vqa_metric import vqa_score
@@ -96,15 +97,26 @@ def _entries(path: str | os.PathLike, what: str, key: str) -> list[Any]:
     return data[key]
 
 
+def _entries_by_id(path: str | os.PathLike, key: str) -> Iterator[tuple[int, str, dict]]:
+    """``(index, question id, entry)`` for each entry of an official ``{key: [...]}`` file, in file order.
+
+    Raises on an entry without a valid question id or with one already seen.
+    """
+    seen: set[str] = set()
+    for i, entry in enumerate(_entries(path, key, key)):
+        qid = _qid_key(entry.get("question_id")) if isinstance(entry, dict) else None
+        if qid is None:
+            raise UserError(f"{path}: {key}[{i}] has no valid question_id (an integer or a string)")
+        if qid in seen:
+            raise UserError(f"{path}: {key}[{i}]: duplicate question_id {qid}")
+        seen.add(qid)
+        yield i, qid, entry
+
+
 def load_questions(path: str | os.PathLike) -> dict[str, dict]:
     """``{question_id: question entry}`` in file order, from an official questions file."""
     out: dict[str, dict] = {}
-    for i, q in enumerate(_entries(path, "questions", "questions")):
-        qid = _qid_key(q.get("question_id")) if isinstance(q, dict) else None
-        if qid is None:
-            raise UserError(f"{path}: questions[{i}] has no valid question_id (an integer or a string)")
-        if qid in out:
-            raise UserError(f"{path}: questions[{i}]: duplicate question_id {qid}")
+    for _, qid, q in _entries_by_id(path, "questions"):
         out[qid] = q
     if not out:
         raise UserError(f"{path}: the questions list is empty")
@@ -114,12 +126,7 @@ def load_questions(path: str | os.PathLike) -> dict[str, dict]:
 def load_annotations(path: str | os.PathLike) -> dict[str, dict]:
     """``{question_id: {"answers": [str, ...], "question_type", "answer_type"}}`` from an official file."""
     out: dict[str, dict] = {}
-    for i, a in enumerate(_entries(path, "annotations", "annotations")):
-        qid = _qid_key(a.get("question_id")) if isinstance(a, dict) else None
-        if qid is None:
-            raise UserError(f"{path}: annotations[{i}] has no valid question_id (an integer or a string)")
-        if qid in out:
-            raise UserError(f"{path}: annotations[{i}]: duplicate question_id {qid}")
+    for i, qid, a in _entries_by_id(path, "annotations"):
         answers = a.get("answers")
         if not isinstance(answers, list) or not answers:
             raise UserError(f"{path}: annotations[{i}] (question_id {qid}) has no answers list")
@@ -172,14 +179,14 @@ def _json_values(text: str) -> Iterator[tuple[int, Any]]:
         raise _Bad(lineno(pos), "not valid JSON (extra data after the list)")
 
 
-def _jsonl_values(text: str) -> Iterator[tuple[int, Any]]:
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _Bad(n, f"not valid JSON ({e.msg} at column {e.colno})") from None
+def _jsonl_values(path: str | os.PathLike, text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line, parsed lazily so errors keep their line order."""
+    try:
+        yield from parse_jsonl(Path(path), text)
+    except DataError as e:
+        if e.line is None:
+            raise
+        raise _Bad(e.line, e.message) from None
 
 
 class _Bad(Exception):
@@ -195,7 +202,7 @@ def load_predictions(path: str | os.PathLike) -> dict[str, tuple[int, str]]:
     ``answer``, an empty answer, a duplicate question id.
     """
     text = _read_text(path, "predictions")
-    values = _json_values(text) if text.lstrip().startswith("[") else _jsonl_values(text)
+    values = _json_values(text) if text.lstrip().startswith("[") else _jsonl_values(path, text)
     out: dict[str, tuple[int, str]] = {}
     try:
         for line, obj in values:
