@@ -56,13 +56,11 @@ def score_record(rec: Record, prediction: str, reference: str | None, stem: bool
         answers = [a if isinstance(a, str) else str(a.get("answer", "")) for a in answers]
         row["score"] = vqa_score(prediction, answers, stem=stem)
         row["scored_by"] = "vqa"
-    elif reference is not None:
-        row["score"] = exact_match(prediction, reference, stem=stem)
-        row["scored_by"] = "exact_match"
-    else:
-        return row
     if reference is not None:
-        row["exact_match"] = exact_match(prediction, reference, stem=stem)
+        em = exact_match(prediction, reference, stem=stem)
+        if "score" not in row:  # no VQA answers: exact match is the score
+            row.update(score=em, scored_by="exact_match")
+        row["exact_match"] = em
         row["token_f1"] = token_f1(prediction, reference, stem=stem)
     return row
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, TextIO
 
 from llavatune.config import config, parse_config
 from llavatune.data.records import Turn
-from llavatune.infer.predict import Predictor, check_image, load_predictor
+from llavatune.infer.predict import Predictor, check_image, load_predictor, open_checked_image
 from llavatune.utils import UserError
 
 HELP = "commands: /image PATH (new image, new conversation), /reset (forget the conversation), /exit"
@@ -42,10 +42,8 @@ class ChatSession:
 
     def set_image(self, path: str | Path) -> None:
         """Switch to ``path`` (checked first: a bad path leaves the session as it was) and start over."""
-        from llavatune.data.images import open_image
-
-        path = check_image(path, "image")
-        img = open_image(path)
+        img = open_checked_image(path, "image")
+        path = Path(path)
         self._pixels = self.predictor.encoder.pixel_inputs([img])
         self._size = [(img.height, img.width)]
         self.image = path

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Optional
 
 from llavatune.config import check_choice, config, parse_config
-from llavatune.utils import UserError, atomic_write_json
+from llavatune.utils import UserError
 
 logger = logging.getLogger("llavatune")
 
@@ -325,10 +325,12 @@ def _vision_parts(ref: str, need_weights: bool):
     vcfg = getattr(vcfg, "vision_config", vcfg)
     weights = None
     if need_weights:
+        import torch
         from transformers import AutoModel
 
-        vision = AutoModel.from_config(vcfg)
-        vision = type(vision).from_pretrained(folder)
+        with torch.device("meta"):  # only to learn the class: no weights are materialised
+            cls = type(AutoModel.from_config(vcfg))
+        vision = cls.from_pretrained(folder)
         weights = vision.state_dict()
     return vcfg, image_processor, weights
 
@@ -355,8 +357,7 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
 
     from llavatune.data.records import IMAGE_TOKEN
     from llavatune.data.templates import VICUNA_JINJA
-    from llavatune.infer.merge import check_out_dir, write_atomically
-    from llavatune.model.loader import META_FILE
+    from llavatune.infer.merge import check_out_dir, save_model
 
     if not cfg.from_original or not cfg.out:
         raise UserError("--from-original and --out are required")
@@ -503,13 +504,7 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
     )
     meta = {"method": "converted", "converted_from": str(cfg.from_original), "template": cfg.template,
             "max_length": int(ocfg.get("max_position_embeddings") or 4096)}
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        atomic_write_json(tmp / META_FILE, meta)
-
-    out = write_atomically(cfg.out, write)
+    out = save_model(cfg.out, model, processor, meta)
     logger.info(f"converted {cfg.from_original}: {report.summary()}")
     return out, report
 

@@ -71,6 +71,18 @@ def write_atomically(out: str | os.PathLike, write: Callable[[Path], None]) -> P
     return out
 
 
+def save_model(out: str | os.PathLike, model, processor, meta: dict) -> Path:
+    """Write ``model``, ``processor`` and the llavatune metadata file into ``out`` (via :func:`write_atomically`)."""
+    from llavatune.model.loader import META_FILE
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        atomic_write_json(tmp / META_FILE, meta)
+
+    return write_atomically(out, write)
+
+
 def _base_dtype(ckpt: Path, base_model: str | None) -> str:
     """The dtype the adapter's base model was saved in (so a 7B fp16 base merges into fp16), else 'auto'."""
     from llavatune.model.loader import _resolve_base, read_meta
@@ -110,7 +122,7 @@ class MergeConfig:
 
 
 def merge(cfg: MergeConfig) -> Path:
-    from llavatune.model.loader import load_checkpoint, read_meta
+    from llavatune.model.loader import load_checkpoint
 
     if not cfg.model or not cfg.out:
         raise UserError("--model and --out are required")
@@ -135,18 +147,11 @@ def merge(cfg: MergeConfig) -> Path:
         logger.warning(f"the checkpoint was trained with --template {template}; stock transformers' "
                        "apply_chat_template renders the model's own chat template, which may differ. "
                        "llavatune predict/chat/eval keep using the training template (recorded in the output)")
-    meta = {k: v for k, v in read_meta(src).items() if k in ("stage", "template", "max_length")} if src.is_dir() else {}
+    # info holds the checkpoint's llavatune metadata (read by load_checkpoint) for a local folder, none for a hub id
+    meta = {k: v for k, v in info.items() if k in ("stage", "template", "max_length")}
     meta.update({"method": "merged", "merged_from": str(src.resolve()) if src.exists() else str(src),
                  "source_method": info.get("method", info.get("kind"))})
-
-    def write(tmp: Path) -> None:
-        from llavatune.model.loader import META_FILE
-
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        atomic_write_json(tmp / META_FILE, meta)
-
-    write_atomically(out, write)
+    save_model(out, model, processor, meta)
     logger.info(f"merged model written to {out}")
     return out
 

@@ -100,17 +100,23 @@ def question_turns(question: str, n_images: int, history: list[tuple[str, str]] 
     return turns
 
 
-def check_image(path: str | Path, what: str = "--image") -> Path:
-    """Fail early, with the file named, on a missing or unreadable image."""
+def open_checked_image(path: str | Path, what: str = "--image"):
+    """The decoded image; a missing or unreadable one is a one-line error naming ``what`` and the file."""
     try:
-        open_image(path)
+        return open_image(path)
     except ImageError as e:
         raise UserError(f"{what}: {e}; pass a readable image file (JPEG, PNG, WebP, ...)") from None
+
+
+def check_image(path: str | Path, what: str = "--image") -> Path:
+    """Fail early, with the file named, on a missing or unreadable image."""
+    open_checked_image(path, what)
     return Path(path)
 
 
 def read_batch(path: str | Path, image_folder: str | Path | None = None) -> tuple[list[dict], list]:
     """Rows of a ``{image, question}`` JSONL file and their queries; errors name the line."""
+    from llavatune.data.records import iter_jsonl_lines
     from llavatune.infer.generate import Query
 
     p = Path(path)
@@ -118,14 +124,9 @@ def read_batch(path: str | Path, image_folder: str | Path | None = None) -> tupl
         raise UserError(f"--input: {p} does not exist")
     root = Path(image_folder) if image_folder else p.resolve().parent
     rows, queries = [], []
-    for n, line in enumerate(p.read_text(encoding="utf-8").split("\n"), 1):  # not splitlines(): U+2028 in strings
-        if not line.strip():
-            continue
+    # lazily: a bad line is reported only once every line before it has been checked
+    for n, row in iter_jsonl_lines(p):
         where = f"{p} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected an object like {{\"image\": \"a.jpg\", \"question\": \"...\"}}")
         question = row.get("question")

@@ -40,6 +40,23 @@ def _x(rows: list[dict]) -> tuple[list[float], str]:
     return [float(r.get("step", i)) for i, r in enumerate(rows)], "step"
 
 
+def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str | None = None,
+            best=None, legend: bool = False) -> Path:
+    """Mark the best epoch, label the axes, add a grid (and a legend), save and close."""
+    if best is not None:
+        ax.axvline(float(best), color="#55a868", linestyle="--", linewidth=1, label="best")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 def make_plots(data: RunData, out_dir: Path) -> dict[str, Path]:
     """Write loss.png, accuracy.png (with validation) and learning_rate.png into ``out_dir``.
 
@@ -56,6 +73,7 @@ def make_plots(data: RunData, out_dir: Path) -> dict[str, Path]:
     written: dict[str, Path] = {}
     series: dict[str, dict[str, list[float]]] = {}  # what each plot shows, also written as plot_data.json
     style = {"linewidth": 1.6}
+    best = data.best.get("epoch") if data.best else None  # the best epoch, marked on loss and accuracy
     train = [r for r in data.train_rows if isinstance(r.get("loss"), (int, float))]
     evals = [r for r in data.eval_rows if isinstance(r.get("eval_loss"), (int, float))]
     if train or evals:
@@ -72,16 +90,8 @@ def make_plots(data: RunData, out_dir: Path) -> dict[str, Path]:
             if flagged:
                 ax.scatter(*zip(*flagged), s=120, facecolors="none", edgecolors="#c44e52", linewidths=2,
                            label="overfitting flagged", zorder=5)
-        if data.best and data.best.get("epoch") is not None and evals:
-            ax.axvline(float(data.best["epoch"]), color="#55a868", linestyle="--", linewidth=1, label="best")
-        ax.set_xlabel(label)
-        ax.set_ylabel("loss")
-        ax.set_title("Loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        _save(fig, out_dir / "loss.png")
-        plt.close(fig)
-        written["loss"] = out_dir / "loss.png"
+        written["loss"] = _finish(plt, fig, ax, out_dir / "loss.png", label, "loss", "Loss", best if evals else None,
+                                    legend=True)
     metrics = [("eval_vqa_accuracy", "VQA accuracy", "#4c72b0"), ("eval_exact_match", "exact match", "#dd8452"),
                ("eval_token_f1", "token F1", "#8172b3")]
     present = [(k, n, c) for k, n, c in metrics if any(isinstance(r.get(k), (int, float)) for r in data.eval_rows)]
@@ -92,30 +102,17 @@ def make_plots(data: RunData, out_dir: Path) -> dict[str, Path]:
             x, label = _x(rows)
             series[name] = {"x": x, "y": [r[key] for r in rows], "step": [r.get("step") for r in rows]}
             ax.plot(x, series[name]["y"], "o-", color=color, label=name, **style)
-        if data.best and data.best.get("epoch") is not None:
-            ax.axvline(float(data.best["epoch"]), color="#55a868", linestyle="--", linewidth=1, label="best")
-        ax.set_xlabel(label)
-        ax.set_ylabel("% of validation answers")
         ax.set_ylim(-2, 102)
-        ax.set_title("Validation accuracy per evaluation")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        _save(fig, out_dir / "accuracy.png")
-        plt.close(fig)
-        written["accuracy"] = out_dir / "accuracy.png"
+        written["accuracy"] = _finish(plt, fig, ax, out_dir / "accuracy.png", label, "% of validation answers",
+                                      "Validation accuracy per evaluation", best, legend=True)
     lr = [r for r in data.train_rows if isinstance(r.get("learning_rate"), (int, float))]
     if lr:
         fig, ax = plt.subplots(figsize=(6.4, 2.4), layout="constrained")
         x, label = _x(lr)
         series["learning rate"] = {"x": x, "y": [r["learning_rate"] for r in lr], "step": [r.get("step") for r in lr]}
         ax.plot(x, series["learning rate"]["y"], color="#937860", **style)
-        ax.set_xlabel(label)
-        ax.set_ylabel("learning rate")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        ax.grid(alpha=0.3)
-        _save(fig, out_dir / "learning_rate.png")
-        plt.close(fig)
-        written["learning_rate"] = out_dir / "learning_rate.png"
+        written["learning_rate"] = _finish(plt, fig, ax, out_dir / "learning_rate.png", label, "learning rate")
     from llavatune.utils import atomic_write_json
 
     atomic_write_json(out_dir / "plot_data.json", series)
