@@ -548,6 +548,19 @@ def _encoded(color: str, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def test_jsonl_keeps_a_line_separator_inside_strings(table, tmp_path, capsys):
+    # U+2028 ends a line for str.splitlines() but not for JSON Lines: the record must stay whole
+    src = tmp_path / "qa.jsonl"
+    r = table["rows"][0]
+    row = {"uid": r["id"], "img": r["file"], "q": "What is\u2028shown?", "a": r["answer"]}
+    src.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, "jsonl", "--input", src, "--image-key", "img", "--question-key", "q", "--answer-key", "a",
+                     "--id-key", "uid", "--image-root", table["root"], "--out", out)
+    assert rc == 0, err
+    assert "What is\u2028shown?" in load(out / "data.json")[0]["conversations"][0]["value"]
+
+
 @pytest.fixture
 def hf_rows() -> dict:
     jpg, png = _encoded("red", "JPEG"), _encoded("blue", "PNG")

@@ -125,6 +125,15 @@ def test_json_list_predictions_and_string_ids(files):
     assert score_predictions(q, a, p)["vqa_accuracy"] == 62.5
 
 
+def test_jsonl_predictions_keep_a_line_separator_inside_strings(files):
+    # U+2028 ends a line for str.splitlines() but not for JSON Lines: each prediction must stay one record
+    tmp, q, a = files
+    rows = [{"question_id": qid, "answer": c[3], "note": "a\u2028b"} for qid, c in CASES.items()]
+    path = tmp / "u2028.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert score_predictions(q, a, path)["vqa_accuracy"] == 62.5
+
+
 def test_json_list_bad_element_reports_line(files):
     tmp, q, a = files
     p = tmp / "results.json"
