@@ -279,6 +279,11 @@ def record_problems(rec: Record) -> list[tuple[str, str]]:
     return problems
 
 
+def image_root(data_file: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> Path:
+    """The folder a data file's relative image paths resolve against: ``--image_folder``, else the file's own."""
+    return Path(image_folder) if image_folder else Path(data_file).resolve().parent
+
+
 def normalize_image_placement(rec: Record) -> Record:
     """Single-image LLaVA convention: ``<image>`` alone at the start of its turn (``<image>\\n...``).
 

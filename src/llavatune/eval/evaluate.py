@@ -19,10 +19,10 @@ from typing import Any, Optional
 
 from llavatune.config import config, parse_config
 from llavatune.data.encode import Encoder
-from llavatune.data.records import Record, load_records, normalize_image_placement
+from llavatune.data.records import Record, image_root, load_records, normalize_image_placement
 from llavatune.eval.score import aggregate
 from llavatune.eval.vqa_metric import exact_match, token_f1, vqa_score
-from llavatune.infer.generate import Query, generate, split_for_eval
+from llavatune.infer.generate import Query, generate, parse_stop, split_for_eval
 from llavatune.utils import UserError, atomic_write_json, atomic_write_jsonl, finish_distributed, resolve_under
 
 logger = logging.getLogger("llavatune")
@@ -152,13 +152,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     records = [normalize_image_placement(r) for r in load_records(cfg.data)]
     if cfg.max_samples:
         records = records[: cfg.max_samples]
-    root = Path(cfg.image_folder) if cfg.image_folder else Path(cfg.data).resolve().parent
+    root = image_root(cfg.data, cfg.image_folder)
     eset = EvalSet.from_records(records, root)
     _init_distributed()  # launched with torchrun: every rank answers a shard, answers are gathered
     world, rank = _world()
     predictor = load_predictor(cfg.model, base_model=cfg.base_model, dtype=cfg.dtype, template=cfg.template)
     model, encoder = predictor.model, predictor.encoder
-    stop = tuple(s for s in (cfg.stop or "").split(",") if s)
+    stop = parse_stop(cfg.stop)
     with tqdm(total=-(-len(records) // world), desc=f"eval (rank {rank})" if world > 1 else "eval", unit="sample",
               disable=rank != 0) as bar:
         preds = sharded_generate(model, encoder, eset.queries, cfg.batch_size, cfg.max_new_tokens, stop, progress=bar)

@@ -36,6 +36,11 @@ def split_for_eval(rec: Record) -> tuple[list[Turn], str | None]:
     return list(rec.conversations[:last]), rec.conversations[last].value
 
 
+def parse_stop(text: str | None) -> tuple[str, ...]:
+    """``--stop`` / ``--eval_stop``: comma-separated strings that end an answer (empty: none)."""
+    return tuple(s for s in (text or "").split(",") if s)
+
+
 def _cut(text: str, stop: Iterable[str]) -> str:
     for s in stop:
         if s and s in text:

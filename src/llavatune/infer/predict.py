@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from llavatune.config import config, parse_config
 from llavatune.data.images import ImageError, open_image
-from llavatune.data.records import IMAGE_TOKEN, Turn
+from llavatune.data.records import IMAGE_TOKEN, Turn, image_root, iter_jsonl_lines
 from llavatune.utils import UserError, atomic_write_jsonl, resolve_under
 
 logger = logging.getLogger("llavatune")
@@ -116,13 +116,12 @@ def check_image(path: str | Path, what: str = "--image") -> Path:
 
 def read_batch(path: str | Path, image_folder: str | Path | None = None) -> tuple[list[dict], list]:
     """Rows of a ``{image, question}`` JSONL file and their queries; errors name the line."""
-    from llavatune.data.records import iter_jsonl_lines
     from llavatune.infer.generate import Query
 
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--input: {p} does not exist")
-    root = Path(image_folder) if image_folder else p.resolve().parent
+    root = image_root(p, image_folder)
     rows, queries = [], []
     # lazily: a bad line is reported only once every line before it has been checked
     for n, row in iter_jsonl_lines(p):
@@ -191,14 +190,14 @@ class PredictConfig:
 
 def predict(cfg: PredictConfig) -> list[dict]:
     """Run single or batch prediction; returns the output rows (each with an ``answer``)."""
-    from llavatune.infer.generate import Query
+    from llavatune.infer.generate import Query, parse_stop
 
     single = cfg.image is not None or cfg.question is not None
     if single == (cfg.input is not None):
         raise UserError("give either --question (with --image) for one answer, or --input JSONL for a batch")
     if cfg.out and Path(cfg.out).exists() and not cfg.overwrite:
         raise UserError(f"--out: {cfg.out} exists; pass --overwrite to replace it")
-    stop = tuple(s for s in (cfg.stop or "").split(",") if s)
+    stop = parse_stop(cfg.stop)
     # Check every input before the (slow) model load.
     if single:
         if not cfg.question:

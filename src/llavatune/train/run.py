@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llavatune.config import ConfigError, parse_config, save_resolved
 from llavatune.data.encode import Encoder, LlavaCollator, LlavaDataset
-from llavatune.data.records import Record, load_records, normalize_image_placement
+from llavatune.data.records import Record, image_root, load_records, normalize_image_placement
 from llavatune.train.train_config import DataArgs, EvalArgs, LlavaTrainingArguments, MethodArgs, ModelArgs
 from llavatune.utils import UserError, finish_distributed, prepare_output_dir
 
@@ -104,7 +104,7 @@ def build_base(margs: ModelArgs, mthd: MethodArgs, base_dir: Path, texts: list[s
 
 def load_split(path: str, image_folder: str | None) -> tuple[list[Record], list[Path]]:
     records = [normalize_image_placement(r) for r in load_records(path)]
-    root = Path(image_folder) if image_folder else Path(path).resolve().parent
+    root = image_root(path, image_folder)
     return records, [root] * len(records)
 
 
@@ -254,11 +254,12 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     generation_eval = None
     if val_ds is not None and eargs.generation_eval and mthd.stage == "finetune":
         from llavatune.eval.evaluate import EvalSet, make_generation_eval
+        from llavatune.infer.generate import parse_stop
 
         subset = val_records[: eargs.eval_max_samples] if eargs.eval_max_samples else val_records
         eset = EvalSet.from_records(subset, val_roots[0])
         zero3 = bool(targs.deepspeed) and "zero3" in str(mthd.zero)
-        stop = tuple(x for x in (eargs.eval_stop or "").split(",") if x)
+        stop = parse_stop(eargs.eval_stop)
         generation_eval = make_generation_eval(
             encoder, eset, targs.per_device_eval_batch_size, eargs.eval_max_new_tokens, stop, out,
             step_fn=lambda: trainer.state.global_step, shown=eargs.eval_predictions_shown, synced_gpus=zero3,
