@@ -286,7 +286,7 @@ def test_missing_data_file(tmp_path, capsys):
 def test_model_length_statistics(tmp_path, capsys):
     from transformers import AutoProcessor
 
-    from llavatune.data.check import image_tokens_per_image
+    from llavatune.data.encode import image_tokens_per_image
     from llavatune.model.tiny import build_tiny
 
     words = "red green blue cat dog house tree car"

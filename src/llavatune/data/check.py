@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from llavatune.config import ConfigError, config, parse_config
-from llavatune.data.encode import anyres_image_tokens, has_variable_image_tokens, image_size, image_tokens_per_image
 from llavatune.data.images import MAX_PIXELS, to_rgb
 from llavatune.data.records import IMAGE_TOKEN, DataError, Record, parse_record, record_problems, write_records
 from llavatune.utils import UserError, atomic_write_text, resolve_under
@@ -489,6 +488,9 @@ def _load_processor(model: str):
 
 
 def _measure_lengths(report: CheckReport, entries: list[_Entry], model: str, max_length: int, root: Path) -> None:
+    # imported here: encode imports torch, which only --model needs (a plain check starts ~1.3 s faster)
+    from llavatune.data.encode import anyres_image_tokens, has_variable_image_tokens, image_size, image_tokens_per_image
+
     processor, tokenizer = _load_processor(model)
     note = None
     try:
