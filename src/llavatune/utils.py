@@ -60,6 +60,25 @@ def resolve_under(root: str | os.PathLike, rel: str) -> Path:
     return full
 
 
+def image_path_mode(out_dir: Path, root: Path) -> str:
+    """How image paths relative to ``root`` go into a data file written to ``out_dir`` (both resolved): "same"
+    (the same folder), "relative" (``out_dir`` contains ``root``: rewrite them with :func:`rebase_image_path`),
+    or "keep" (they stay relative to ``root``; training then needs ``--image-folder root``)."""
+    if out_dir == root:
+        return "same"
+    if out_dir in root.parents:
+        return "relative"
+    return "keep"
+
+
+def rebase_image_path(rel: str, root: Path, out_dir: Path) -> str:
+    """Image path ``rel`` (relative to ``root``) made relative to ``out_dir``, an ancestor of ``root``."""
+    new = os.path.relpath(os.path.normpath(os.path.join(root, rel)), out_dir)
+    if new.startswith(".."):  # a '..' that only stays inside root through a symlink: resolve it as loading will
+        new = os.path.relpath(resolve_under(root, rel), out_dir)
+    return Path(new).as_posix()
+
+
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> Path:
     """Create an output directory; refuse a non-empty one unless ``overwrite`` (or ``resume``)."""
     p = Path(path)

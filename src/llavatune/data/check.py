@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from llavatune.config import ConfigError, config, parse_config
 from llavatune.data.images import MAX_PIXELS, to_rgb
 from llavatune.data.records import IMAGE_TOKEN, DataError, Record, parse_record, record_problems, write_records
-from llavatune.utils import UserError, atomic_write_text, resolve_under
+from llavatune.utils import UserError, atomic_write_text, image_path_mode, rebase_image_path, resolve_under
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 _SEVERITIES = (ERROR, WARNING, INFO)
@@ -664,25 +664,15 @@ def write_fixed(report: CheckReport, out: str | os.PathLike) -> dict[str, Any]:
     root = Path(report.image_folder)
     out_dir = out_p.parent.resolve()
     note = None
-    if out_dir == root:
-        mode = "same"
-    elif out_dir in root.parents:
-        mode = "relative"
-    else:
-        mode = "keep"
-        if any(e.images for e in report.entries if not _has_error(e)):
-            note = (
-                f"image paths in {out_p} are relative to {root} (not to {out_p.parent}): train with "
-                f"--image-folder {root}, or put the cleaned file in that folder"
-            )
+    mode = image_path_mode(out_dir, root)
+    if mode == "keep" and any(e.images for e in report.entries if not _has_error(e)):
+        note = (
+            f"image paths in {out_p} are relative to {root} (not to {out_p.parent}): train with "
+            f"--image-folder {root}, or put the cleaned file in that folder"
+        )
 
     def rewrite(rel: str) -> str:
-        if mode != "relative":
-            return rel
-        new = os.path.relpath(os.path.normpath(os.path.join(root, rel)), out_dir)
-        if new.startswith(".."):
-            new = os.path.relpath(resolve_under(root, rel), out_dir)
-        return Path(new).as_posix()
+        return rebase_image_path(rel, root, out_dir) if mode == "relative" else rel
 
     clean, rejects = [], []
     for ent in report.entries:

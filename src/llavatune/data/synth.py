@@ -59,7 +59,15 @@ from llavatune.data.records import (
     record_problems,
     write_records,
 )
-from llavatune.utils import UserError, atomic_write_json, atomic_write_text, logger, resolve_under
+from llavatune.utils import (
+    UserError,
+    atomic_write_json,
+    atomic_write_text,
+    image_path_mode,
+    logger,
+    rebase_image_path,
+    resolve_under,
+)
 
 KINDS = ("conversation", "detail", "complex")
 
@@ -1048,21 +1056,13 @@ def run_requests(
 
 
 def _image_mode(out: Path, root: Path) -> tuple[str, str | None]:
-    out_dir = out.parent.resolve()
-    if out_dir == root:
-        return "same", None
-    if out_dir in root.parents:
-        return "relative", None
-    return "keep", (
+    mode = image_path_mode(out.parent.resolve(), root)
+    if mode != "keep":
+        return mode, None
+    return mode, (
         f"image paths in {out} are relative to {root} (not to {out.parent}): train and check with "
         f"--image-folder {root}, or write the output inside that folder"
     )
-
-
-def _output_path(mode: str, key: str, root: Path, out_dir: Path) -> str:
-    if mode != "relative":
-        return key
-    return Path(os.path.relpath(root / key, out_dir)).as_posix()
 
 
 @dataclass
@@ -1210,7 +1210,8 @@ def run_synth(args: SynthArgs) -> SynthReport:
                 )
                 continue
             rec = Record(
-                id=f"{it.id}-{args.kind}", conversations=turns, images=[_output_path(mode, it.key, root, out_dir)]
+                id=f"{it.id}-{args.kind}", conversations=turns,
+                images=[rebase_image_path(it.key, root, out_dir) if mode == "relative" else it.key],
             )
             problems = record_problems(rec)
             if problems:  # defensive: never write a record `train` would refuse
