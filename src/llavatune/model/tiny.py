@@ -59,6 +59,34 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000, image_token: b
     return fast
 
 
+def tiny_config_kwargs(image_size: int = 32, patch_size: int = 8, hidden_size: int = 64, vision_hidden_size: int = 32,
+                       num_layers: int = 2) -> dict:
+    """The shapes of ``build_tiny``'s model: CLIP vision and Llama config fields and the feature selection
+    (the tokenizer adds the vocabulary and special token ids). ``llavatune plan --model tiny`` reads them too."""
+    return {
+        "vision_config": dict(
+            hidden_size=vision_hidden_size,
+            intermediate_size=vision_hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=patch_size,
+            projection_dim=vision_hidden_size,
+        ),
+        "text_config": dict(
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+        ),
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+    }
+
+
 def build_tiny(
     texts: Iterable[str],
     out_dir: str | os.PathLike | None = None,
@@ -90,27 +118,14 @@ def build_tiny(
     )
 
     tokenizer = train_tokenizer(texts)
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden_size,
-        intermediate_size=vision_hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_hidden_size,
-    )
+    shapes = tiny_config_kwargs(image_size, patch_size, hidden_size, vision_hidden_size, num_layers)
+    vision = CLIPVisionConfig(**shapes["vision_config"])
     text = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        **shapes["text_config"],
     )
     n_tokens = (image_size // patch_size) ** 2  # "default" strategy drops CLS
     common = dict(
@@ -118,8 +133,8 @@ def build_tiny(
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=n_tokens,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_layer=shapes["vision_feature_layer"],
+        vision_feature_select_strategy=shapes["vision_feature_select_strategy"],
         projector_hidden_act="gelu",
     )
     s = image_size

@@ -14,23 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llavatune.model.tiny import tiny_config_kwargs
 from llavatune.utils import UserError
 
 # The tiny model of ``llavatune.model.tiny.build_tiny`` (its default arguments). The tokenizer is trained on
 # the run's own text, so its vocabulary is at most 2000 tokens; the planner uses that upper bound.
+_tiny = tiny_config_kwargs()
 TINY = {
     "model_type": "llava",
-    "text_config": {
-        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 2000, "tie_word_embeddings": False,
-    },
-    "vision_config": {
-        "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "image_size": 32, "patch_size": 8,
-    },
-    "vision_feature_select_strategy": "default",
-    "vision_feature_layer": -2,
-}  # fmt: skip
+    "text_config": {"model_type": "llama", "vocab_size": 2000, **_tiny["text_config"]},
+    "vision_config": {"model_type": "clip_vision_model", **_tiny["vision_config"]},
+    "vision_feature_select_strategy": _tiny["vision_feature_select_strategy"],
+    "vision_feature_layer": _tiny["vision_feature_layer"],
+}
 
 
 @dataclass
