@@ -182,11 +182,13 @@ def load_config(model: str) -> tuple[Any, str]:
         return TINY, "tiny (built-in, vocabulary <= 2000)"
     p = Path(model).expanduser()
     if p.is_file() and p.suffix == ".json":
-        return json.loads(p.read_text(encoding="utf-8")), str(p)
+        raw = json.loads(p.read_text(encoding="utf-8"))
+        # a hand-written or pruned LLaVA config.json may omit keys: complete those with transformers' defaults
+        return (_auto_config(raw) if raw.get("model_type") in ("llava", "llava_next") else raw), str(p)
     if p.is_dir():
         for fname in ("config.json", "base_config.json"):
             if (p / fname).is_file():
-                return _auto_config(p / fname, str(p)), str(p)
+                return _auto_config(json.loads((p / fname).read_text(encoding="utf-8"))), str(p)
         raise UserError(f"--model: {p} holds no config.json (or base_config.json of a llavatune checkpoint)")
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise UserError(f"--model: {model!r} is neither 'tiny', an existing directory / config.json, nor a hub id")
@@ -199,9 +201,8 @@ def load_config(model: str) -> tuple[Any, str]:
                         f"{str(e).splitlines()[0] if str(e) else ''}); pass a local directory or config.json") from None
 
 
-def _auto_config(path: Path, name: str) -> Any:
-    """Complete a config.json with transformers' defaults (llava-hf configs omit default values)."""
-    raw = json.loads(path.read_text(encoding="utf-8"))
+def _auto_config(raw: dict) -> Any:
+    """Complete a config.json's dict with transformers' defaults (llava-hf configs omit default values)."""
     try:
         from transformers import AutoConfig
 
@@ -211,13 +212,4 @@ def _auto_config(path: Path, name: str) -> Any:
 
 
 def load_spec(model: str) -> ModelSpec:
-    cfg, name = load_config(model)
-    if model != "tiny" and isinstance(cfg, dict) and cfg.get("model_type") in ("llava", "llava_next"):
-        # defaults for keys a hand-written or pruned config.json may omit
-        try:
-            from transformers import AutoConfig
-
-            cfg = AutoConfig.for_model(**cfg)
-        except Exception:
-            pass
-    return spec_from_config(cfg, name)
+    return spec_from_config(*load_config(model))
