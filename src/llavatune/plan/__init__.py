@@ -77,12 +77,17 @@ class PlanArgs:
             raise ConfigError("--method qlora with --zero 3: use --zero 2 (ZeRO-3 cannot shard bitsandbytes weights)")
 
     def settings(self) -> Settings:
-        return Settings(
-            method=self.method, zero=self.zero, batch=self.batch, max_length=self.max_length, gpus=self.gpus,
-            gradient_checkpointing=self.gradient_checkpointing, lora_r=self.lora_r, lora_dropout=self.lora_dropout,
-            offload=self.offload, dtype=self.dtype, device=self.device, padding_mask=self.padding_mask,
-            images_per_sample=self.images, supervised_tokens=self.supervised_tokens,
-        )
+        """The estimate's settings: every ``Settings`` field that has a flag here (``double_quant`` has none)."""
+        names = {f.name: _option(f.name) for f in dataclasses.fields(Settings)}
+        return Settings(**{k: getattr(self, opt) for k, opt in names.items() if hasattr(self, opt)})
+
+
+# Settings fields whose option has another name
+_OPTION_NAMES = {"images_per_sample": "images"}
+
+
+def _option(field_name: str) -> str:
+    return _OPTION_NAMES.get(field_name, field_name)
 
 
 def fmt_bytes(n: float) -> str:
@@ -105,7 +110,7 @@ def _flags(s: Settings, base: Settings) -> str:
         a, b = getattr(s, f.name), getattr(base, f.name)
         if a == b:
             continue
-        flag = "--" + {"images_per_sample": "images"}.get(f.name, f.name).replace("_", "-")
+        flag = "--" + _option(f.name).replace("_", "-")
         if isinstance(a, bool):
             out.append(flag if a else "--no-" + flag[2:])
         else:
