@@ -130,8 +130,10 @@ def demo(cfg: DemoConfig) -> dict:
     _run(["predict", "--model", str(merged), "--image", str(val_json.parent / first["image"]), "--question", question])
 
     # Summary
-    rows = [json.loads(x) for x in (stage2 / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    curve = [(round(r["epoch"]), r["eval_vqa_accuracy"]) for r in rows if "eval_vqa_accuracy" in r]  # epoch 0: untrained
+    from llavatune.report.data import read_metrics
+
+    evals = read_metrics(stage2 / "metrics.jsonl")[1]
+    curve = [(round(r["epoch"]), r["eval_vqa_accuracy"]) for r in evals if "eval_vqa_accuracy" in r]  # epoch 0: untrained
     final = json.loads((out / "eval" / "metrics.json").read_text())["vqa_accuracy"]
     base = baselines(train_json, val_json)
     floor = base["constant"] + cfg.floor_points
