@@ -69,6 +69,23 @@ def image_tokens_per_image(processor: Any) -> int:
     return n
 
 
+def pil_image_processor(image_processor: Any) -> Any:
+    """The PIL-backend twin of a LLaVA/CLIP image processor (``LlavaImageProcessor`` -> ``LlavaImageProcessorPil``).
+
+    The original LLaVA code preprocesses with ``CLIPImageProcessor`` on PIL images (PIL bicubic resize);
+    transformers 5 loads the torchvision backend by default, whose resize differs by one uint8 level on some
+    values. Other processors, and those already on PIL, are returned as they are.
+    """
+    import transformers
+
+    name = type(image_processor).__name__
+    twin = getattr(transformers, name + "Pil", None) if name.startswith(("Llava", "CLIP")) else None
+    if twin is None or isinstance(image_processor, twin):
+        return image_processor
+    settings = {k: v for k, v in image_processor.to_dict().items() if k not in ("image_processor_type", "processor_class")}
+    return twin(**settings)
+
+
 def has_variable_image_tokens(processor: Any) -> bool:
     """LLaVA-NeXT tiles each image by its size ("any resolution"): its token count depends on the image."""
     return hasattr(processor, "_get_number_of_features")
@@ -110,6 +127,8 @@ class Encoder:
         self.variable_image_tokens = has_variable_image_tokens(self.processor)
         self.n_image_tokens = 0 if self.variable_image_tokens else image_tokens_per_image(self.processor)
         self.eos = self.tokenizer.eos_token or ""
+        image_processor = getattr(self.processor, "image_processor", None)
+        self.image_processor = pil_image_processor(image_processor) if image_processor is not None else None
         probe = self.tokenizer("a").input_ids
         bos = self.tokenizer.bos_token_id
         self.bos = [bos] if bos is not None and probe and probe[0] == bos else []
@@ -131,6 +150,42 @@ class Encoder:
                 out += self.tokenizer(piece, add_special_tokens=False).input_ids
         return out
 
+    def tokenize_segments(self, segments: list[tuple[str, bool]], counts: list[int]) -> tuple[list[int], list[bool]]:
+        """Token ids of the joined segments (no BOS) and, per token, whether it is supervised.
+
+        As the original LLaVA's ``tokenizer_image_token`` does, the text is split on ``<image>`` and each chunk is
+        tokenized whole: tokenizing segment by segment would give a SentencePiece tokenizer a fresh ``▁`` at every
+        segment start (``" a</s>"`` alone is ``▁``, ``▁a``; after ``ASSISTANT:`` it is ``▁a``). A token is supervised
+        when it starts inside a supervised segment (character offsets). Tokenizers without offsets (Python
+        backends) fall back to segment-by-segment tokenization.
+        """
+        if not getattr(self.tokenizer, "is_fast", False):
+            ids: list[int] = []
+            mask: list[bool] = []
+            for text, supervised in segments:
+                seg = self._ids(text, counts)
+                ids += seg
+                mask += [supervised] * len(seg)
+            return ids, mask
+        spans, pos = [], 0
+        for text, supervised in segments:
+            if supervised and text:
+                spans.append((pos, pos + len(text)))
+            pos += len(text)
+        ids, mask, pos = [], [], 0
+        for i, chunk in enumerate("".join(t for t, _ in segments).split(IMAGE_TOKEN)):
+            if i > 0:
+                n = counts.pop(0)
+                ids += [self.image_token_id] * n
+                mask += [False] * n
+                pos += len(IMAGE_TOKEN)
+            if chunk:
+                enc = self.tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+                ids += enc["input_ids"]
+                mask += [any(a <= pos + start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
+            pos += len(chunk)
+        return ids, mask
+
     def _counts(self, turns: list[Turn], image_sizes) -> list[int]:
         n = sum(t.value.count(IMAGE_TOKEN) for t in turns)
         return self.image_token_counts(image_sizes, n) if n else []
@@ -138,10 +193,9 @@ class Encoder:
     def encode(self, turns: list[Turn], image_sizes: list[tuple[int, int]] | None = None) -> tuple[list[int], list[int]]:
         ids, labels = list(self.bos), [IGNORE_INDEX] * len(self.bos)
         counts = self._counts(turns, image_sizes)
-        for text, supervised in self.segmenter(turns, self.eos, False):
-            seg = self._ids(text, counts)
-            ids += seg
-            labels += seg if supervised else [IGNORE_INDEX] * len(seg)
+        seg, mask = self.tokenize_segments(self.segmenter(turns, self.eos, False), counts)
+        ids += seg
+        labels += [x if m else IGNORE_INDEX for x, m in zip(seg, mask)]
         if len(ids) > self.max_length:
             ids, labels = self._truncate(ids, labels)
         if all(x == IGNORE_INDEX for x in labels):
@@ -166,13 +220,12 @@ class Encoder:
         """Token ids of the prompt for generating the next assistant turn (``turns`` ends with human)."""
         ids = list(self.bos)
         counts = self._counts(turns, image_sizes)
-        for text, _ in self.segmenter(turns, self.eos, True):
-            ids += self._ids(text, counts)
+        ids += self.tokenize_segments(self.segmenter(turns, self.eos, True), counts)[0]
         return ids
 
     def pixel_inputs(self, images: list) -> dict[str, torch.Tensor]:
         """``pixel_values`` (and ``image_sizes`` for LLaVA-NeXT) for a sample's images."""
-        out = self.processor.image_processor(images, return_tensors="pt")
+        out = self.image_processor(images, return_tensors="pt")
         item = {"pixel_values": out["pixel_values"]}
         if "image_sizes" in out:
             item["image_sizes"] = out["image_sizes"]

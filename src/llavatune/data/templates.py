@@ -2,25 +2,45 @@
 
 A conversation is rendered as a list of ``(text, supervised)`` segments; tokens of supervised
 segments (the assistant answers, with their end-of-turn marker) get labels, every other token gets
--100. Tokenizing segment by segment makes the mask exact by construction, instead of the original
+-100. Building labels from these spans makes the mask exact by construction, instead of the original
 LLaVA code's re-splitting of the rendered prompt on separators, which silently masks whole samples
 when a tokenizer version merges tokens differently ("WARNING: tokenization mismatch", loss 0:
 haotian-liu/LLaVA #661, #1166, #1706).
 
-Named templates reproduce the original LLaVA ones (``llava/conversation.py``):
+Named templates render byte for byte what the original ``llava/conversation.py``
+``conv_templates[NAME].get_prompt()`` renders (``preprocess_plain`` for ``plain``), training text and
+generation prompt alike (``</s>`` below is the tokenizer's EOS, which is ``</s>`` for Llama/Vicuna/Mistral):
 
-- ``vicuna_v1``  ``{system} USER: {q} ASSISTANT: {a}</s>USER: ...`` (LLaVA-1.5)
-- ``llava_llama_2``  ``[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] ...``
-- ``plain``  ``<image>{caption}\\n`` (stage-1 projector pretraining; only the caption is learned)
-- ``chatml``  ``<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n{a}<|im_end|>\\n``
+- ``vicuna_v1`` (alias ``v1``; LLaVA-1.5's ``--version v1`` and ``--conv-mode vicuna_v1``):
+  ``{system} USER: {q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT:`` with the system prompt "A chat between a
+  curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite
+  answers to the user's questions."
+- ``llava_v1``: the same with "a curious human" / "the human's questions" (a different original template).
+- ``llava_llama_2``: ``[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] {q2} [/INST]``.
+- ``mistral_instruct``: ``[INST] {q} [/INST] {a} </s>[INST] {q2} [/INST]`` (no system prompt).
+- ``chatml_direct`` (alias ``mistral_direct``; LLaVA-NeXT-34B): ``<|im_start|>system\\nAnswer the
+  questions.<|im_end|><|im_start|>user\\n{q}<|im_end|><|im_start|>assistant\\n{a}<|im_end|>`` (MPT style: no
+  newline after ``<|im_end|>``).
+- ``plain`` (stage-1 projector pretraining): ``<image>{caption}\\n``, the human text dropped; only the caption
+  (and its ``\\n``) is learned. Its generation prompt is the training prefix ``<image>``.
+
+Supervised: each answer plus its end-of-turn marker (``" {a}</s>"``, ``" {a} </s>"``, ``"{a}<|im_end|>"``,
+``"{caption}\\n"``), exactly the tokens the original code leaves unmasked. A ``system`` turn replaces the
+default system prompt (the original code has no such turn; this is the chat-template convention).
+
+``chatml`` is *not* an original LLaVA template: the common ChatML with a newline after every ``<|im_end|>``
+and no system prompt unless given (``<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n{a}<|im_end|>``).
 
 ``template: auto`` uses the tokenizer/processor chat template when it has one: the segments are then
 derived by rendering growing prefixes of the conversation (with and without the generation prompt)
 and taking the differences, so any prefix-stable Jinja template masks correctly.
+:func:`chat_template` gives the Jinja form of each named template (what ``llavatune convert`` saves),
+so stock ``apply_chat_template`` renders the same text.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,7 +48,11 @@ from llavatune.data.records import IMAGE_TOKEN, Turn
 
 Segment = tuple[str, bool]
 
-VICUNA_SYSTEM = (
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAVA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
@@ -36,7 +60,11 @@ LLAMA2_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that "
     "the user provides, and assist the user with a variety of tasks using natural language."
 )
-TEMPLATE_NAMES = ("auto", "vicuna_v1", "llava_llama_2", "plain", "chatml")
+CHATML_DIRECT_SYSTEM = "Answer the questions."
+# Names as the original conv_templates spells them; "chatml" is ours (not an original LLaVA template).
+ALIASES = {"v1": "vicuna_v1", "mistral_direct": "chatml_direct"}
+TEMPLATE_NAMES = ("auto", "vicuna_v1", "v1", "llava_v1", "llava_llama_2", "mistral_instruct", "chatml_direct",
+                  "mistral_direct", "plain", "chatml")
 
 
 def _split_system(turns: list[Turn], default: str) -> tuple[str, list[Turn]]:
@@ -50,34 +78,65 @@ def _split_system(turns: list[Turn], default: str) -> tuple[str, list[Turn]]:
     return system, rest
 
 
-def _vicuna(turns: list[Turn], eos: str, gen: bool) -> list[Segment]:
-    system, turns = _split_system(turns, VICUNA_SYSTEM)
-    segs: list[Segment] = []
-    text = (system + " ") if system else ""
-    for t in turns:
-        if t.role == "human":
-            text += f"USER: {t.value} ASSISTANT:"
-        else:
+def _sep_two(default_system: str) -> Callable[[list[Turn], str, bool], list[Segment]]:
+    """``SeparatorStyle.TWO`` (vicuna_v1, llava_v1): ``system + " "``, ``"USER: " + q + " "``,
+    ``"ASSISTANT: " + a + "</s>"``, and ``"ASSISTANT:"`` for the message being generated."""
+
+    def render(turns: list[Turn], eos: str, gen: bool) -> list[Segment]:
+        system, turns = _split_system(turns, default_system)
+        segs: list[Segment] = []
+        text = system + " "
+        for t in turns:
+            if t.role == "human":
+                text += f"USER: {t.value} ASSISTANT:"
+            else:
+                segs.append((text, False))
+                segs.append((f" {t.value}{eos}", True))
+                text = ""
+        if text:
             segs.append((text, False))
-            segs.append((f" {t.value}{eos}", True))
-            text = ""
-    if text:
-        segs.append((text, False))
-    return segs
+        return segs
+
+    return render
 
 
-def _llama2(turns: list[Turn], eos: str, gen: bool, bos: str = "<s>") -> list[Segment]:
-    system, turns = _split_system(turns, LLAMA2_SYSTEM)
+def _sep_llama2(default_system: str, sep: str) -> Callable[[list[Turn], str, bool], list[Segment]]:
+    """``SeparatorStyle.LLAMA_2`` (llava_llama_2 with sep ``<s>``, mistral_instruct with sep ``""``): each user
+    message wrapped as ``[INST] {q} [/INST]`` (the first with the ``<<SYS>>`` block when there is a system
+    prompt) and preceded by ``sep`` except the first; each answer ``" " + a + " </s>"``."""
+
+    def render(turns: list[Turn], eos: str, gen: bool) -> list[Segment]:
+        system, turns = _split_system(turns, default_system)
+        segs: list[Segment] = []
+        text, first = "", True
+        for t in turns:
+            if t.role == "human":
+                msg = (f"<<SYS>>\n{system}\n<</SYS>>\n\n" if first and system else "") + t.value
+                text += ("" if first else sep) + f"[INST] {msg} [/INST]"
+                first = False
+            else:
+                segs.append((text, False))
+                segs.append((f" {t.value} {eos}", True))
+                text = ""
+        if text:
+            segs.append((text, False))
+        return segs
+
+    return render
+
+
+def _chatml_direct(turns: list[Turn], eos: str, gen: bool) -> list[Segment]:
+    """``SeparatorStyle.MPT`` (chatml_direct): ``<|im_start|>system\\n{system}<|im_end|>``, then
+    ``<|im_start|>user\\n{q}<|im_end|>`` and ``<|im_start|>assistant\\n{a}<|im_end|>`` with nothing between."""
+    system, turns = _split_system(turns, CHATML_DIRECT_SYSTEM)
     segs: list[Segment] = []
-    text, first = "", True
+    text = f"<|im_start|>system\n{system}<|im_end|>"
     for t in turns:
         if t.role == "human":
-            msg = (f"<<SYS>>\n{system}\n<</SYS>>\n\n" if first and system else "") + t.value
-            text += ("" if first else bos) + f"[INST] {msg} [/INST]"
-            first = False
+            text += f"<|im_start|>user\n{t.value}<|im_end|><|im_start|>assistant\n"
         else:
             segs.append((text, False))
-            segs.append((f" {t.value} {eos}", True))
+            segs.append((f"{t.value}<|im_end|>", True))
             text = ""
     if text:
         segs.append((text, False))
@@ -85,17 +144,19 @@ def _llama2(turns: list[Turn], eos: str, gen: bool, bos: str = "<s>") -> list[Se
 
 
 def _plain(turns: list[Turn], eos: str, gen: bool) -> list[Segment]:
-    # Original LLaVA pretraining: the human text is dropped, only "<image>" + caption + "\n" remain.
+    # Original LLaVA pretraining (preprocess_plain): the human text is dropped, only "<image>" + caption + "\n"
+    # remain, and the caption + "\n" is learned.
     human = next((t for t in turns if t.role == "human"), None)
     answer = next((t for t in turns if t.role == "gpt"), None)
     n_images = human.value.count(IMAGE_TOKEN) if human else 0
-    segs: list[Segment] = [(IMAGE_TOKEN * max(n_images, 1) if n_images else "", False)]
+    segs: list[Segment] = [(IMAGE_TOKEN * n_images, False)]
     if answer is not None:
         segs.append((answer.value + "\n", True))
     return segs
 
 
 def _chatml(turns: list[Turn], eos: str, gen: bool) -> list[Segment]:
+    """Not an original LLaVA template: ChatML with a newline after each ``<|im_end|>``, system only when given."""
     system, turns = _split_system(turns, "")
     segs: list[Segment] = []
     text = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
@@ -112,11 +173,19 @@ def _chatml(turns: list[Turn], eos: str, gen: bool) -> list[Segment]:
 
 
 NAMED: dict[str, Callable[[list[Turn], str, bool], list[Segment]]] = {
-    "vicuna_v1": _vicuna,
-    "llava_llama_2": _llama2,
+    "vicuna_v1": _sep_two(VICUNA_V1_SYSTEM),
+    "llava_v1": _sep_two(LLAVA_V1_SYSTEM),
+    "llava_llama_2": _sep_llama2(LLAMA2_SYSTEM, "<s>"),
+    "mistral_instruct": _sep_llama2("", ""),
+    "chatml_direct": _chatml_direct,
     "plain": _plain,
     "chatml": _chatml,
 }
+
+
+def canonical(name: str) -> str:
+    """The template name an alias stands for (``v1`` -> ``vicuna_v1``); other names unchanged."""
+    return ALIASES.get(name, name)
 
 
 def _to_messages(turns: list[Turn]) -> list[dict]:
@@ -156,7 +225,7 @@ class ChatTemplateSegmenter:
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise ValueError(
                     "the model's chat template is not prefix-stable, so answer spans cannot be located; "
-                    "set --template to one of vicuna_v1, llava_llama_2, chatml, plain"
+                    "set --template to one of " + ", ".join(n for n in TEMPLATE_NAMES if n != "auto")
                 )
             answer = full[len(prompt) :]
             # Templates such as llava-1.5-hf's end answers with a space and no EOS: the model would never
@@ -182,9 +251,100 @@ def get_segmenter(name: str, processor=None) -> Callable[[list[Turn], str, bool]
             if obj is not None and getattr(obj, "chat_template", None):
                 return ChatTemplateSegmenter(obj.apply_chat_template)
         return NAMED["vicuna_v1"]
+    name = canonical(name)
     if name not in NAMED:
         raise ValueError(f"--template: unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
     return NAMED[name]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Jinja forms (chat templates), for stock transformers / vLLM
+
+# Message content as text: a string, or parts where an image part becomes "<image>\n" (the original places the
+# image first in its turn, followed by a newline).
+_CONTENT_MACRO = (
+    "{%- macro content_text(content) -%}"
+    "{%- if content is string -%}{{ content }}{%- else -%}"
+    "{%- for c in content -%}{%- if c['type'] == 'image' -%}{{ '<image>\n' }}"
+    "{%- elif c['type'] == 'text' -%}{{ c['text'] }}{%- endif -%}{%- endfor -%}"
+    "{%- endif -%}{%- endmacro -%}"
+)
+
+
+def _system_prelude(default: str) -> str:
+    """Jinja: ``system`` = a leading system message's text, else ``default``; ``loop_messages`` = the rest."""
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = content_text(messages[0]['content']) -%}{%- set loop_messages = messages[1:] -%}"
+        f"{{%- else -%}}{{%- set system = {json.dumps(default)} -%}}{{%- set loop_messages = messages -%}}"
+        "{%- endif -%}"
+    )
+
+
+def _jinja_two(default: str) -> str:
+    return (
+        _CONTENT_MACRO + _system_prelude(default) + "{{ system }}{{ ' ' }}"
+        "{%- for message in loop_messages -%}"
+        "{%- if message['role'] == 'user' -%}{{ 'USER: ' }}{{ content_text(message['content']) }}{{ ' ' }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' }}{{ content_text(message['content']) }}"
+        "{{ eos_token }}{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+    )
+
+
+def _jinja_llama2(default: str, sep: str) -> str:
+    return (
+        _CONTENT_MACRO + _system_prelude(default) +
+        "{%- for message in loop_messages -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- if loop.first -%}{{ '[INST] ' }}{%- if system -%}{{ '<<SYS>>\n' }}{{ system }}{{ '\n<</SYS>>\n\n' }}"
+        f"{{%- endif -%}}{{%- else -%}}{{{{ {json.dumps(sep + '[INST] ')} }}}}{{%- endif -%}}"
+        "{{ content_text(message['content']) }}{{ ' [/INST]' }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ ' ' }}{{ content_text(message['content']) }}"
+        "{{ ' ' }}{{ eos_token }}{%- endif -%}{%- endfor -%}"
+    )
+
+
+_JINJA_CHATML_DIRECT = (
+    _CONTENT_MACRO + _system_prelude(CHATML_DIRECT_SYSTEM) +
+    "{{ '<|im_start|>system\n' }}{{ system }}{{ '<|im_end|>' }}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '<|im_start|>user\n' }}{{ content_text(message['content']) }}"
+    "{{ '<|im_end|>' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '<|im_start|>assistant\n' }}"
+    "{{ content_text(message['content']) }}{{ '<|im_end|>' }}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+_JINJA_CHATML = (
+    _CONTENT_MACRO + _system_prelude("") +
+    "{%- if system -%}{{ '<|im_start|>system\n' }}{{ system }}{{ '<|im_end|>\n' }}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '<|im_start|>user\n' }}{{ content_text(message['content']) }}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '<|im_start|>assistant\n' }}"
+    "{{ content_text(message['content']) }}{{ '<|im_end|>\n' }}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+_JINJA = {
+    "vicuna_v1": _jinja_two(VICUNA_V1_SYSTEM),
+    "llava_v1": _jinja_two(LLAVA_V1_SYSTEM),
+    "llava_llama_2": _jinja_llama2(LLAMA2_SYSTEM, "<s>"),
+    "mistral_instruct": _jinja_llama2("", ""),
+    "chatml_direct": _JINJA_CHATML_DIRECT,
+    "chatml": _JINJA_CHATML,
+}
+
+
+def chat_template(name: str) -> str:
+    """The Jinja chat template that renders what the named template renders: the default system prompt unless
+    the first message is a system message, image parts as ``<image>\\n``, the tokenizer's ``eos_token`` after
+    each answer. ``plain`` has none (pretraining captions are not a chat)."""
+    name = canonical(name)
+    if name not in _JINJA:
+        raise ValueError(f"template {name!r} has no chat-template form; choose one of {', '.join(_JINJA)}")
+    return _JINJA[name]
 
 
 # The Jinja form of vicuna_v1 without a system prompt (as llava-hf/llava-1.5 renders prompts), saved with

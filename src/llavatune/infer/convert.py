@@ -12,10 +12,24 @@ Reads what haotian-liu/LLaVA writes:
 - its LoRA output: ``adapter_config.json`` + ``adapter_model.{safetensors,bin}`` (LoRA on the language model)
   and ``non_lora_trainables.bin`` (the projector), applied to ``--base_model`` (the base LLM) and merged.
 
-Missing vision-tower weights (the published checkpoints load CLIP at run time) come from ``mm_vision_tower``
-(or ``--vision_tower``), which also supplies the vision config and image processor. Every original tensor
-is mapped to exactly one llava-hf tensor with its shape checked; anything left over or missing is an
-error. Weights are read only from safetensors or with ``torch.load(weights_only=True)``.
+Vision-tower weights come from ``--vision_tower`` when given (replacing any copies in the checkpoint, which
+the original code never reads: it loads CLIP from ``mm_vision_tower`` at run time), else from the checkpoint,
+else from ``mm_vision_tower``; that model also supplies the vision config and image processor. Every original
+tensor is mapped to exactly one llava-hf tensor with its shape checked; anything left over or missing is an
+error. Weights are read only from safetensors or with ``torch.load(weights_only=True)``. ``--dtype auto`` keeps
+every tensor's dtype: the language model and projector as saved (float16 for the releases) and CLIP as its
+source holds it (float32 for OpenAI's CLIP, as the original runs it).
+
+The result behaves like the original everywhere (tested on a checkpoint in the original layout):
+
+- the chat template renders the original ``conv_templates[--template].get_prompt()`` text, with the template's
+  system prompt unless the messages start with a system message;
+- the tokenizer is the SentencePiece ``tokenizer.model`` read the way the original (slow, legacy) Llama tokenizer
+  reads it, so the stock processor's ids equal the original ``tokenizer_image_token`` ids: each piece of text
+  between special tokens gets its own ``▁`` prefix, so the text after ``<image>`` starts with ``▁``;
+- the image processor pads to square with the mean colour (``image_aspect_ratio: pad``) and resizes like the
+  original ``CLIPImageProcessor``; its PIL backend (which llavatune uses; in transformers
+  ``AutoProcessor.from_pretrained(path, backend="pil")``) gives the original pixels exactly.
 
 The mapping (the same as transformers' ``convert_llava_weights_to_hf.py``, written for current
 transformers module names):
@@ -60,6 +74,8 @@ LLAMA_KEYS = (
     "pretraining_tp", "tie_word_embeddings", "attention_bias", "attention_dropout",
     "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id",
 )  # fmt: skip
+CHAT_TEMPLATES = ("vicuna_v1", "v1", "llava_v1", "llava_llama_2", "mistral_instruct", "chatml_direct", "mistral_direct",
+                  "chatml")
 WEIGHT_FILES_SKIPPED = ("non_lora_trainables.bin", "mm_projector.bin", "training_args.bin", "optimizer.pt",
                         "scheduler.pt", "rng_state.pth")
 
@@ -134,6 +150,7 @@ class ConversionReport:
     synthesized: dict[str, str] = field(default_factory=dict)  # llava-hf key -> where its value came from
     lora_merged: list[str] = field(default_factory=list)  # original keys that received a LoRA delta
     resized: dict[str, tuple[int, int]] = field(default_factory=dict)  # embedding rows before -> after
+    replaced: list[str] = field(default_factory=list)  # checkpoint tensors superseded by --vision_tower
 
     def summary(self) -> str:
         parts = [f"{len(self.mapped)} tensors mapped"]
@@ -143,6 +160,8 @@ class ConversionReport:
             parts.append(f"{len(self.synthesized)} from elsewhere ({', '.join(sorted(set(self.synthesized.values())))})")
         if self.dropped:
             parts.append(f"{len(self.dropped)} buffers dropped")
+        if self.replaced:
+            parts.append(f"{len(self.replaced)} vision tensors of the checkpoint replaced by --vision_tower")
         if self.resized:
             k, (a, b) = next(iter(self.resized.items()))
             parts.append(f"vocabulary {a} -> {b}")
@@ -270,19 +289,20 @@ class ConvertConfig:
     base_model_name_or_path, e.g. lmsys/vicuna-7b-v1.5)."""
     vision_tower: Optional[str] = None
     """Vision encoder folder or hub id (default: the checkpoint's mm_vision_tower); supplies the vision config, the
-    image processor and, when the checkpoint lacks them, the vision weights."""
+    image processor and the vision weights (given explicitly, it replaces any vision weights in the checkpoint;
+    otherwise those are used when present)."""
     dtype: str = "auto"
-    """Dtype of the converted weights: auto (that of the original weights), float16, bfloat16 or float32."""
+    """Dtype of the converted weights: auto (each tensor as its source holds it: the LLM as saved, CLIP as its
+    checkpoint holds it, float32 for OpenAI's), float16, bfloat16 or float32 (everything)."""
     template: str = "vicuna_v1"
-    """Prompt template the model was trained with, recorded for llavatune predict/chat/eval (LLaVA-1.5: vicuna_v1)."""
+    """Conversation template the model was trained with (LLaVA-1.5: vicuna_v1; LLaVA-Llama-2: llava_llama_2); the
+    saved chat template renders it and llavatune predict/chat/eval use it."""
     overwrite: bool = False
     """Replace an existing --out folder."""
 
     def __post_init__(self):
         check_choice("dtype", self.dtype, ["auto", "float16", "bfloat16", "float32"])
-        from llavatune.data.templates import TEMPLATE_NAMES
-
-        check_choice("template", self.template, TEMPLATE_NAMES)
+        check_choice("template", self.template, list(CHAT_TEMPLATES))
 
 
 def _read_original_config(folder: Path) -> dict:
@@ -330,9 +350,79 @@ def _vision_parts(ref: str, need_weights: bool):
 
         with torch.device("meta"):  # only to learn the class: no weights are materialised
             cls = type(AutoModel.from_config(vcfg))
-        vision = cls.from_pretrained(folder)
+        vision = cls.from_pretrained(folder, dtype="auto")  # as saved (the original loads OpenAI's CLIP in fp32)
         weights = vision.state_dict()
     return vcfg, image_processor, weights
+
+
+def _token_content(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def sentencepiece_tokenizer(folder: Path):
+    """The original code's tokenizer, as a fast tokenizer, from a SentencePiece ``tokenizer.model``.
+
+    The original loads it as the slow ``LlamaTokenizer`` and ``tokenizer_image_token`` tokenizes the text on each
+    side of ``<image>`` separately, so every chunk gets SentencePiece's ``▁`` prefix. Read *legacy* (transformers'
+    SentencePiece conversion with ``legacy=True``: each piece of text between special tokens is encoded as
+    SentencePiece encodes it alone), a single stock tokenizer call gives the same ids for the whole prompt. The
+    ``tokenizer_class`` saved is ``PreTrainedTokenizerFast`` so that loaders use this ``tokenizer.json`` as is
+    (transformers 5 rebuilds a ``LlamaTokenizer``'s pipeline from its settings and would drop the legacy prefix).
+    """
+    path = folder / "tokenizer.model"
+    try:
+        import google.protobuf  # noqa: F401  (SentencePiece model protos)
+        import sentencepiece  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"{path}: reading a SentencePiece tokenizer needs the {e.name or 'sentencepiece'} package; "
+                        "pip install sentencepiece protobuf (both are llavatune dependencies)") from None
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    cfg_path = folder / "tokenizer_config.json"
+    tcfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    try:
+        native = TokenizersBackend.convert_to_native_format(vocab_file=str(path), legacy=True)
+        backend = native["tokenizer_object"]
+    except Exception as e:  # a corrupt or non-SentencePiece file
+        raise UserError(f"{path}: cannot be read as a SentencePiece model ({type(e).__name__}: {e})") from None
+    names = {k: _token_content(tcfg.get(k)) or native.get(k) for k in ("bos_token", "eos_token", "unk_token")}
+    pad = _token_content(tcfg.get("pad_token"))
+    specials = [("<s>" if names["bos_token"] is None else names["bos_token"], tcfg.get("add_bos_token", True)),
+                (names["eos_token"], tcfg.get("add_eos_token", False))]
+    ids = {t: backend.token_to_id(t) for t, _ in specials if t is not None}
+    bos, eos = (t if add and ids.get(t) is not None else None for t, add in specials)
+    single = " ".join(x for x in (bos, "$A", eos) if x)
+    pair = " ".join(x for x in (bos, "$A", eos, bos, "$B", eos) if x)
+    backend.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(t, ids[t]) for t in {bos, eos} if t])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, **{k: v for k, v in names.items() if v is not None},
+        pad_token=pad if pad is not None and backend.token_to_id(pad) is not None else None,
+        model_max_length=int(tcfg.get("model_max_length") or 0) or None, clean_up_tokenization_spaces=False,
+    )
+    tok.legacy = True
+    return tok
+
+
+def load_original_tokenizer(dirs: list[Path]):
+    """The tokenizer of the first folder that has one: ``tokenizer.model`` (what the original code reads) first."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    for d in dirs:
+        if (d / "tokenizer.model").is_file():
+            return sentencepiece_tokenizer(d)
+        try:
+            # config= keeps AutoTokenizer from reading the original config.json (model_type llava_llama / llava)
+            return AutoTokenizer.from_pretrained(d, config=LlamaConfig())
+        except (OSError, ValueError, TypeError):
+            continue
+    raise UserError(f"no tokenizer files (tokenizer.model, tokenizer.json) in {' or '.join(map(str, dirs))}; copy "
+                    "the base LLM's tokenizer files into the checkpoint folder")
 
 
 def _mean_rows(w, n_new: int):
@@ -342,11 +432,23 @@ def _mean_rows(w, n_new: int):
     return torch.cat([w, mean.expand(n_new, -1)], dim=0)
 
 
+def _warn_if_vision_differs(ckpt: dict, tower: dict, ref: str) -> None:
+    """The checkpoint's vision tensors are normally copies of the frozen tower; say so when they are not."""
+    def name(k: str) -> str:
+        return k.removeprefix("model.vision_tower.vision_tower.").removeprefix("vision_model.")
+
+    theirs = {name(k): v for k, v in tower.items()}
+    differ = [k for k, v in ckpt.items() if name(k) in theirs and not theirs[name(k)].to(v.dtype).equal(v)
+              and not k.endswith(DROPPED_SUFFIXES)]
+    if differ:
+        logger.warning(f"{len(differ)} vision tensors of the checkpoint (e.g. {differ[0]}) differ from --vision_tower "
+                       f"{ref} (a fine-tuned vision tower?); using --vision_tower as asked")
+
+
 def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
     import torch
     from transformers import (
         AddedToken,
-        AutoTokenizer,
         GenerationConfig,
         LlamaConfig,
         LlavaConfig,
@@ -356,7 +458,7 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
     )
 
     from llavatune.data.records import IMAGE_TOKEN
-    from llavatune.data.templates import VICUNA_JINJA
+    from llavatune.data.templates import canonical, chat_template
     from llavatune.infer.merge import check_out_dir, save_model
 
     if not cfg.from_original or not cfg.out:
@@ -394,25 +496,26 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
         raise UserError(f"{src}: holds model.image_newline, a LLaVA-NeXT (1.6) checkpoint; not supported")
 
     # 2. Vision tower, tokenizer, config
-    has_vision = any(k.startswith("model.vision_tower.") for k in state)
+    # dtype of the language model and projector: as saved (--dtype auto), before any vision tensor is swapped in
+    if cfg.dtype == "auto":
+        floats = [v.dtype for k, v in state.items() if v.is_floating_point() and not k.startswith("model.vision_tower.")]
+        dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    else:
+        dtype = getattr(torch, cfg.dtype)
+    vision_in_ckpt = sorted(k for k in state if k.startswith("model.vision_tower."))
     vt_ref = cfg.vision_tower or ocfg.get("mm_vision_tower")
     if not vt_ref:
         raise UserError(f"{src}/config.json: no mm_vision_tower; pass --vision_tower")
-    vcfg, clip_ip, vision_weights = _vision_parts(vt_ref, need_weights=not has_vision)
+    vcfg, clip_ip, vision_weights = _vision_parts(vt_ref, need_weights=bool(cfg.vision_tower) or not vision_in_ckpt)
     if ocfg.get("mm_hidden_size") and ocfg["mm_hidden_size"] != vcfg.hidden_size:
         raise UserError(f"mm_hidden_size {ocfg['mm_hidden_size']} differs from the vision tower's hidden size "
                         f"{vcfg.hidden_size}; pass the right --vision_tower")
-    tokenizer = None
-    for d in tok_dirs:
-        try:
-            # config= keeps AutoTokenizer from reading the original config.json (model_type llava_llama / llava)
-            tokenizer = AutoTokenizer.from_pretrained(d, config=LlamaConfig())
-            break
-        except (OSError, ValueError, TypeError):
-            continue
-    if tokenizer is None:
-        raise UserError(f"no tokenizer files in {' or '.join(map(str, tok_dirs))}; copy the base LLM's tokenizer "
-                        "files into the checkpoint folder")
+    if vision_weights is not None and vision_in_ckpt:
+        # --vision_tower given: its weights, not the checkpoint's (often float16) copies of the frozen tower
+        replaced = {k: state.pop(k) for k in vision_in_ckpt}
+        report.replaced = vision_in_ckpt
+        _warn_if_vision_differs(replaced, vision_weights, cfg.vision_tower)
+    tokenizer = load_original_tokenizer(tok_dirs)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens(AddedToken(IMAGE_TOKEN, special=True, normalized=False), special_tokens=True)
     if tokenizer.pad_token is None:
@@ -441,11 +544,6 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
         projector_hidden_act="linear" if linear else "gelu",
         tie_word_embeddings=bool(ocfg.get("tie_word_embeddings", False)),
     )
-    if cfg.dtype == "auto":
-        floats = [v.dtype for v in state.values() if v.is_floating_point()]
-        dtype = max(set(floats), key=floats.count) if floats else torch.float32
-    else:
-        dtype = getattr(torch, cfg.dtype)
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(lcfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -482,7 +580,10 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
             src_key = next((o for o, t in report.mapped.items() if t == k), k)
             raise UserError(f"{src_key}: shape {tuple(hf[k].shape)} does not fit {k} {shape} (check mm_vision_tower, "
                             "mm_projector_type and the config)")
-    hf = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in hf.items()}
+    # --dtype auto: the vision tower keeps its source's dtype (the original runs OpenAI's CLIP in float32)
+    keep = cfg.dtype == "auto"
+    hf = {k: (v.to(dtype) if v.is_floating_point() and not (keep and k.startswith("model.vision_tower.")) else v)
+          .contiguous() for k, v in hf.items()}
     model.load_state_dict(hf, strict=True, assign=True)
     lcfg.dtype = dtype
     model.config.dtype = dtype
@@ -500,9 +601,9 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
         patch_size=vcfg.patch_size,
         vision_feature_select_strategy=strategy,
         num_additional_image_tokens=1 if clip_like else 0,
-        chat_template=VICUNA_JINJA,
+        chat_template=chat_template(cfg.template),
     )
-    meta = {"method": "converted", "converted_from": str(cfg.from_original), "template": cfg.template,
+    meta = {"method": "converted", "converted_from": str(cfg.from_original), "template": canonical(cfg.template),
             "max_length": int(ocfg.get("max_position_embeddings") or 4096)}
     out = save_model(cfg.out, model, processor, meta)
     logger.info(f"converted {cfg.from_original}: {report.summary()}")
