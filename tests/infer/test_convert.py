@@ -1,10 +1,14 @@
 """`llavatune convert --from-original`: tiny synthetic checkpoints written in haotian-liu/LLaVA's own layout
-(full model, linear projector without vision weights, LoRA output with non_lora_trainables.bin) become
-llava-hf models whose every tensor is accounted for and whose logits match the source."""
+(full model, linear projector without vision weights, LoRA output with non_lora_trainables.bin, and a v1.5-style
+release with only a SentencePiece tokenizer.model, float16 .bin shards and CLIP loaded by path) become llava-hf
+models whose every tensor is accounted for, whose logits match the source, and whose prompt, token ids and pixels
+are the original code's (written down below from llava/conversation.py, llava/mm_utils.py and CLIPImageProcessor)."""
 
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -365,3 +369,315 @@ def test_bad_original_checkpoints_give_clear_errors(full_original, tmp_path, cap
     # pickles that need more than weights_only=True are refused, not executed
     torch.save({"model.norm.weight": torch.ones(2), "obj": Path("x")}, bad / "pytorch_model.bin")
     assert "weights_only" in run(bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A v1.5-style release: only a SentencePiece tokenizer.model, float16 weights in .bin shards (with float16 copies of
+# the frozen CLIP), model_type llava, CLIP loaded by path (mm_vision_tower). The facts checked against it:
+#   - prompt: conv_templates["vicuna_v1"].get_prompt() (system prompt with "user"/"user's")
+#   - ids: llava.mm_utils.tokenizer_image_token with the slow (legacy) LlamaTokenizer
+#   - pixels: expand2square(image, mean colour) + CLIPImageProcessor (PIL bicubic resize, centre crop, normalize)
+
+VICUNA_V1_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, "
+    "and polite answers to the user's questions. USER: <image>\nWhat is the man holding? ASSISTANT:"
+)
+SP_TEXTS = [
+    "A chat between a curious user and an artificial intelligence assistant.",
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "USER: What is the man holding? ASSISTANT: an umbrella",
+    "What color is the shape? red green blue. How many shapes are there? 2 3",
+    "Answer the question using a single word or phrase.",
+]
+
+
+def train_sentencepiece(path: Path) -> Path:
+    """A tiny SentencePiece BPE model with Llama's settings (byte fallback, dummy prefix, no normalization)."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SP_TEXTS * 20), model_writer=buf, model_type="bpe", vocab_size=400,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=1.0, num_threads=1, minloglevel=2,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def original_ids(prompt: str, sp, image_id: int, n_image: int) -> list[int]:
+    """llava.mm_utils.tokenizer_image_token with the slow legacy LlamaTokenizer, <image> expanded as llava-hf does:
+    the prompt is split on <image>, each chunk tokenized on its own (BOS kept for the first only); the slow tokenizer
+    splits a chunk on its special tokens and SentencePiece-encodes each piece (dummy prefix included)."""
+    ids = [sp.bos_id()]
+    for i, chunk in enumerate(prompt.split("<image>")):
+        if i:
+            ids += [image_id] * n_image
+        for piece in re.split(r"(</s>|<s>)", chunk):
+            if piece in ("</s>", "<s>"):
+                ids.append(sp.piece_to_id(piece))
+            elif piece:
+                ids += sp.encode(piece)
+    return ids
+
+
+def expand2square(img, background):
+    """llava.mm_utils.expand2square."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), background)
+    out.paste(img, (0, (side - h) // 2) if w > h else ((side - w) // 2, 0))
+    return out
+
+
+def original_pixels(img, ip) -> torch.Tensor:
+    """process_images(image_aspect_ratio='pad'): expand2square with the mean colour, then CLIPImageProcessor on PIL
+    (bicubic resize of the shortest edge, centre crop, x/255 in float64 -> float32, (x - mean) / std)."""
+    import numpy as np
+
+    mean, std = np.array(ip.image_mean, dtype=np.float32), np.array(ip.image_std, dtype=np.float32)
+    img = expand2square(img.convert("RGB"), tuple(int(x * 255) for x in ip.image_mean))
+    edge, (w, h) = ip.size["shortest_edge"], img.size
+    size = (edge, int(edge * h / w)) if w <= h else (int(edge * w / h), edge)
+    img = img.resize(size, Image.BICUBIC)
+    ch, cw = ip.crop_size["height"], ip.crop_size["width"]
+    top, left = (img.height - ch) // 2, (img.width - cw) // 2
+    a = np.asarray(img)[top:top + ch, left:left + cw].astype(np.float64) * (1 / 255)
+    a = (a.astype(np.float32) - mean) / std
+    return torch.from_numpy(a.transpose(2, 0, 1).copy())[None]
+
+
+def noise_image(path: Path, size=(57, 41), seed=0) -> Path:
+    """Fine detail, not square: padding and a downscaling resize both matter."""
+    import numpy as np
+
+    Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def release_tokenizer_config(d: Path) -> None:
+    """tokenizer_config.json as the releases ship it next to tokenizer.model (legacy false, pad = unk)."""
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "<unk>", "legacy": False, "model_max_length": 2048, "padding_side": "right",
+        "tokenizer_class": "LlamaTokenizer", "clean_up_tokenization_spaces": False, "sp_model_kwargs": {}}))
+
+
+@pytest.fixture(scope="module")
+def sp_original(tmp_path_factory):
+    import sentencepiece as spm
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("orig_sp")
+    sp_path = train_sentencepiece(root / "spm" / "tokenizer.model")
+    sp = spm.SentencePieceProcessor(model_file=str(sp_path))
+    torch.manual_seed(7)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=sp.get_piece_size(), hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                                       tie_word_embeddings=False)).eval()
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, image_size=32, patch_size=8,
+                                              projection_dim=32)).eval()
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)).eval()
+    with torch.no_grad():  # the released weights are float16: the reference computes with the same values
+        for m in (llm, mlp):
+            for prm in m.parameters():
+                prm.copy_(prm.half().float())
+    vision_dir = save_vision_dir(vision, root / "clip-tiny")  # float32, as OpenAI's CLIP
+    src = root / "llava-v1.5-tiny"
+    src.mkdir()
+    state = {k: v.half() for k, v in llm.state_dict().items()}
+    state.update({f"model.mm_projector.{i}.{w}": getattr(mlp[i], w).detach().half() for i in (0, 2)
+                  for w in ("weight", "bias")})
+    # as the original writes them (CLIPVisionModel's keys under vision_model.)
+    vision_copies = {f"model.vision_tower.vision_tower.vision_model.{k.removeprefix('vision_model.')}": v.half()
+                     for k, v in vision.state_dict().items()}
+    state.update(vision_copies)
+    keys = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    for name, part in shards.items():
+        torch.save({k: state[k] for k in part}, src / name)
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: n for n, part in shards.items() for k in part}}))
+    cfg = original_config(llm.config, vision_dir, model_type="llava", torch_dtype="float16")
+    (src / "config.json").write_text(json.dumps(cfg, indent=2))
+    (src / "tokenizer.model").write_bytes(sp_path.read_bytes())  # the only tokenizer file
+    return {"src": src, "sp": sp, "llm": llm, "vision": vision, "mlp": mlp, "vision_dir": vision_dir, "root": root,
+            "vision_copies": vision_copies}
+
+
+@pytest.fixture(scope="module")
+def sp_converted(sp_original, tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv") / "llava-v1.5-tiny-hf"
+    convert(ConvertConfig(from_original=str(sp_original["src"]), out=str(out),
+                          vision_tower=str(sp_original["vision_dir"])))
+    return out
+
+
+def test_converted_chat_template_renders_the_original_prompt(sp_converted):
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(sp_converted)
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the man holding?"}]}
+    # stock apply_chat_template, no system message: the vicuna_v1 system prompt is there
+    assert proc.apply_chat_template([user], add_generation_prompt=True) == VICUNA_V1_PROMPT
+    # a system message replaces it
+    system = {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]}
+    assert proc.apply_chat_template([system, user], add_generation_prompt=True) == (
+        "Answer briefly. USER: <image>\nWhat is the man holding? ASSISTANT:")
+    # a multi-turn conversation: conv_templates["vicuna_v1"].get_prompt() with the last message None
+    turns = [user, {"role": "assistant", "content": [{"type": "text", "text": "an umbrella"}]},
+             {"role": "user", "content": [{"type": "text", "text": "What color is it?"}]}]
+    assert proc.apply_chat_template(turns, add_generation_prompt=True) == (
+        VICUNA_V1_PROMPT + " an umbrella</s>USER: What color is it? ASSISTANT:")
+
+
+@pytest.mark.parametrize("with_config", [False, True], ids=["tokenizer.model-only", "with-release-tokenizer_config"])
+def test_stock_processor_ids_equal_original_tokenizer_image_token(sp_original, tmp_path, with_config):
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from llavatune.data.encode import Encoder
+    from llavatune.data.records import Turn
+
+    src = sp_original["src"]
+    if with_config:
+        src = tmp_path / "release"
+        shutil.copytree(sp_original["src"], src)
+        release_tokenizer_config(src)
+    out = tmp_path / "hf"
+    convert(ConvertConfig(from_original=str(src), out=str(out), vision_tower=str(sp_original["vision_dir"])))
+    proc = AutoProcessor.from_pretrained(out)
+    img = Image.open(noise_image(tmp_path / "a.png"))
+    image_id, n = proc.tokenizer.convert_tokens_to_ids("<image>"), 16
+    sp = sp_original["sp"]
+    stock = proc(images=img, text=VICUNA_V1_PROMPT, return_tensors="pt")["input_ids"][0].tolist()
+    want = original_ids(VICUNA_V1_PROMPT, sp, image_id, n)
+    after = want.index(image_id) + n
+    assert sp.id_to_piece(want[after]) == "▁" and sp.id_to_piece(want[after + 1]) == "<0x0A>"  # the fact at stake
+    assert stock == want
+    # a multi-turn training text, special tokens inside a chunk
+    full = VICUNA_V1_PROMPT + " an umbrella</s>USER: What color is it? ASSISTANT: red</s>"
+    assert proc(images=img, text=full)["input_ids"][0] == original_ids(full, sp, image_id, n)
+    # llavatune's own prompts and training samples give the same ids, labels on the answers (+ EOS) only
+    enc = Encoder(proc, template="vicuna_v1")
+    q = [Turn("human", "<image>\nWhat is the man holding?")]
+    assert enc.prompt_ids(q) == want
+    conv = q + [Turn("gpt", "an umbrella"), Turn("human", "What color is it?"), Turn("gpt", "red")]
+    ids, labels = enc.encode(conv)
+    assert ids == original_ids(full, sp, image_id, n)
+    # supervised: the tokens after each "ASSISTANT:" up to and including its </s>, as they sit in the whole text
+    first = len(want)
+    second = len(original_ids(VICUNA_V1_PROMPT + " an umbrella</s>USER: What color is it? ASSISTANT:", sp, image_id, n))
+    eos = sp.eos_id()
+    assert [i for i, lab in zip(ids, labels) if lab != -100] == ids[first: ids.index(eos, first) + 1] + ids[second:]
+    assert ids[second:][-1] == eos and sp.id_to_piece(ids[first]).startswith("▁")
+
+
+def test_converted_pixels_equal_the_original_clip_preprocessing(sp_original, sp_converted, tmp_path):
+    from transformers import AutoProcessor, CLIPImageProcessor
+
+    from llavatune.data.encode import Encoder
+
+    clip_ip = CLIPImageProcessor.from_pretrained(sp_original["vision_dir"])
+    for i, size in enumerate([(57, 41), (30, 61), (32, 32), (200, 150)]):
+        img = Image.open(noise_image(tmp_path / f"{i}.png", size, seed=i))
+        want = original_pixels(img, clip_ip)
+        # llavatune (train, eval, predict) and stock transformers on the PIL backend
+        got = Encoder(AutoProcessor.from_pretrained(sp_converted), template="vicuna_v1").pixel_inputs([img])
+        assert torch.allclose(got["pixel_values"], want, atol=1e-6), size
+        pil = AutoProcessor.from_pretrained(sp_converted, backend="pil")
+        assert torch.allclose(pil(images=img, text="<image>", return_tensors="pt")["pixel_values"], want, atol=1e-6)
+
+
+def test_vision_weights_come_from_vision_tower_and_keep_their_dtype(sp_original, sp_converted, tmp_path):
+    from safetensors.torch import load_file
+
+    def vision_and_rest(d: Path) -> tuple[dict, dict]:
+        """The saved tensors as stored (dtype included): vision tower ones by their CLIP name, and the others."""
+        state = {}
+        for f in sorted(d.glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        vision = {k.split("vision_tower.", 1)[1].removeprefix("vision_model."): v for k, v in state.items()
+                  if "vision_tower." in k}
+        return vision, {k: v for k, v in state.items() if "vision_tower." not in k}
+
+    clip = {k.removeprefix("vision_model."): v for k, v in sp_original["vision"].state_dict().items()}
+    vision, rest = vision_and_rest(sp_converted)
+    assert set(vision) == set(clip)
+    for k, v in clip.items():  # --vision_tower given: its float32 weights, not the checkpoint's float16 copies
+        assert vision[k].dtype == torch.float32 and torch.equal(vision[k], v), k
+    assert rest and all(v.dtype == torch.float16 for v in rest.values()), "the LLM and projector stay as saved"
+    cfg = json.loads((sp_converted / "config.json").read_text())
+    assert cfg["dtype"] == "float16", "stock from_pretrained(dtype='auto') loads the LLM's dtype, not float32"
+
+    # without --vision_tower the checkpoint's own copies are used, in their dtype
+    out, report = convert(ConvertConfig(from_original=str(sp_original["src"]), out=str(tmp_path / "own")))
+    assert not report.replaced
+    own, _ = vision_and_rest(out)
+    copies = {k.removeprefix("model.vision_tower.vision_tower.vision_model."): v
+              for k, v in sp_original["vision_copies"].items()}
+    assert set(own) == set(copies) and all(torch.equal(own[k], v) for k, v in copies.items())
+    # --dtype float32: everything
+    out, _ = convert(ConvertConfig(from_original=str(sp_original["src"]), out=str(tmp_path / "f32"),
+                                   vision_tower=str(sp_original["vision_dir"]), dtype="float32"))
+    vision, rest = vision_and_rest(out)
+    assert {v.dtype for v in [*vision.values(), *rest.values()]} == {torch.float32}
+
+
+def test_converted_release_gives_the_original_greedy_answer(sp_original, sp_converted, tmp_path, capsys):
+    """The original model's greedy answer (its ids, its pixels, its CLIP in float32) == stock transformers on the
+    converted folder == llavatune predict on it."""
+    from transformers import AutoProcessor, CLIPImageProcessor, LlavaForConditionalGeneration
+
+    sp, llm, vision, mlp = (sp_original[k] for k in ("sp", "llm", "vision", "mlp"))
+    path = noise_image(tmp_path / "q.png", (61, 45), seed=3)
+    img = Image.open(path)
+    px = original_pixels(img, CLIPImageProcessor.from_pretrained(sp_original["vision_dir"]))
+    before, after = VICUNA_V1_PROMPT.split("<image>")
+    before_ids, after_ids = [sp.bos_id()] + sp.encode(before), sp.encode(after)
+    want: list[int] = []
+    for _ in range(6):  # greedy, as the original's model.generate(do_sample=False)
+        logits = reference_logits(llm, vision, mlp, px, before_ids, after_ids + want)
+        want.append(int(logits[0, -1].argmax()))
+        if want[-1] == sp.eos_id():
+            break
+
+    proc = AutoProcessor.from_pretrained(sp_converted, backend="pil")
+    model = LlavaForConditionalGeneration.from_pretrained(sp_converted, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the man holding?"}]}]
+    inputs = proc(images=img, text=proc.apply_chat_template(messages, add_generation_prompt=True), return_tensors="pt")
+    with torch.no_grad():
+        gen = model.generate(**inputs, max_new_tokens=len(want), do_sample=False)
+    assert gen[0, inputs["input_ids"].shape[1]:].tolist() == want
+
+    assert cli_main(["predict", "--model", str(sp_converted), "--image", str(path), "--question",
+                     "What is the man holding?", "--max_new_tokens", str(len(want)), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["answer"] == proc.tokenizer.decode(want, skip_special_tokens=True).strip()
+    assert row["prompt"] == VICUNA_V1_PROMPT  # the rendered generation prompt, <image> unexpanded, no BOS
+
+
+def test_sentencepiece_is_a_dependency_and_its_absence_is_explained(sp_original, tmp_path, monkeypatch, capsys):
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    deps = {re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    assert {"sentencepiece", "protobuf"} <= deps
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # as if not installed
+    rc = cli_main(["convert", "--from-original", str(sp_original["src"]), "--out", str(tmp_path / "x"),
+                   "--vision_tower", str(sp_original["vision_dir"])])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if ": error:" in x]
+    assert rc == 1 and len(lines) == 1, err
+    assert "tokenizer.model" in lines[0] and "pip install sentencepiece" in lines[0]
+    assert not (tmp_path / "x").exists()

@@ -741,8 +741,22 @@ class CheckArgs:
     """examples shown per problem kind"""
     workers: int = 8
     """threads used to open images"""
+    show: int = 0
+    """print the first N records without errors as the model sees them (needs --model): the exact text given to the
+    tokenizer (no BOS, <image> unexpanded) with the supervised spans marked, and token counts; with --json the report
+    gains "shown" (see llavatune.data.show)"""
+    template: str = "auto"
+    """prompt template for --show: auto (the one recorded in a llavatune checkpoint, else the model's chat template,
+    else vicuna_v1) or a named template (vicuna_v1, llava_v1, llava_llama_2, mistral_instruct, chatml_direct, plain, ...)"""
 
     def __post_init__(self):
+        from llavatune.data.templates import TEMPLATE_NAMES
+
+        if self.show < 0 or (self.show and not self.model):
+            raise ConfigError("--show N: N must be 0 or more, and --show needs --model (its tokenizer and template "
+                              "decide what the model sees)")
+        if self.template not in TEMPLATE_NAMES:
+            raise ConfigError(f"--template: {self.template!r} is not one of {', '.join(TEMPLATE_NAMES)}")
         for name in ("max_length", "max_pixels", "workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}: must be at least 1, got {getattr(self, name)}")
@@ -795,8 +809,15 @@ def main(argv: Sequence[str], prog: str = "llavatune check") -> int:
     )
     if args.fix:
         write_fixed(report, args.fix)
+    shown = None
+    if args.show:
+        from llavatune.data.show import show_for_check
+
+        shown = show_for_check(report, args.model, args.template, args.show, args.max_length)
     if args.json:
-        atomic_write_text(args.json, _dump_json(report.to_dict()))
+        atomic_write_text(args.json, _dump_json({**report.to_dict(), **({"shown": shown.to_json()} if shown else {})}))
     # undecodable input bytes (lone surrogates) must not crash the printout
     print(report.format(examples=args.examples).encode("utf-8", "backslashreplace").decode("utf-8"))
+    if shown:
+        print("\n" + shown.format())
     return 0 if report.ok else 1

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Optional
 
 from llavatune.config import check_choice, config, parse_config
-from llavatune.utils import UserError
+from llavatune.utils import UserError, atomic_write_json
 
 logger = logging.getLogger("llavatune")
 
@@ -432,6 +432,10 @@ def _mean_rows(w, n_new: int):
     return torch.cat([w, mean.expand(n_new, -1)], dim=0)
 
 
+def vision_dtypes(hf: dict) -> set:
+    return {v.dtype for k, v in hf.items() if k.startswith("model.vision_tower.") and v.is_floating_point()}
+
+
 def _warn_if_vision_differs(ckpt: dict, tower: dict, ref: str) -> None:
     """The checkpoint's vision tensors are normally copies of the frozen tower; say so when they are not."""
     def name(k: str) -> str:
@@ -606,6 +610,12 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
     meta = {"method": "converted", "converted_from": str(cfg.from_original), "template": canonical(cfg.template),
             "max_length": int(ocfg.get("max_position_embeddings") or 4096)}
     out = save_model(cfg.out, model, processor, meta)
+    if keep and vision_dtypes(hf) - {dtype}:
+        # save_pretrained records the first parameter's dtype (the vision tower's); stock from_pretrained(dtype="auto")
+        # should load the language model as saved (a 7B in float16, not float32)
+        saved = json.loads((out / "config.json").read_text())
+        saved["dtype"] = saved.setdefault("text_config", {})["dtype"] = str(dtype).removeprefix("torch.")
+        atomic_write_json(out / "config.json", saved)
     logger.info(f"converted {cfg.from_original}: {report.summary()}")
     return out, report
 

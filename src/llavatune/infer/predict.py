@@ -169,7 +169,8 @@ class PredictConfig:
     image_folder: Optional[str] = None
     """Batch mode: folder image paths are relative to (default: the --input file's folder)."""
     json: bool = False
-    """Single mode: print {"image", "question", "answer"} as JSON instead of the bare answer."""
+    """Single mode: print {"image", "question", "answer", "prompt"} as JSON instead of the bare answer ("prompt": the
+    rendered generation prompt, as given to the tokenizer: no BOS, <image> unexpanded)."""
     base_model: Optional[str] = None
     """Base model for an adapter checkpoint whose recorded base cannot be found."""
     batch_size: int = 8
@@ -216,6 +217,10 @@ def predict(cfg: PredictConfig) -> list[dict]:
         with tqdm(total=len(queries), desc="predict", unit="question", disable=None) as bar:
             answers = predictor.answer(queries, cfg.batch_size, cfg.max_new_tokens, stop, progress=bar)
     out = [{**row, "answer": a} for row, a in zip(rows, answers)]
+    if single and cfg.json:
+        from llavatune.data.show import prompt_text
+
+        out[0]["prompt"] = prompt_text(predictor.encoder, queries[0].turns)
     if cfg.out:
         atomic_write_jsonl(cfg.out, out)
     return out

@@ -21,6 +21,7 @@ from pathlib import Path
 from llavatune.config import ConfigError, parse_config, save_resolved
 from llavatune.data.encode import Encoder, LlavaCollator, LlavaDataset
 from llavatune.data.records import Record, image_root, load_records, normalize_image_placement
+from llavatune.data.show import first_sample
 from llavatune.train.train_config import DataArgs, EvalArgs, LlavaTrainingArguments, MethodArgs, ModelArgs
 from llavatune.utils import UserError, finish_distributed, prepare_output_dir
 
@@ -236,6 +237,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
                 f"{ds.name}: masking self-check failed on {len(ds.masking_problems)}/{len(ds)} samples (e.g. {ref}: "
                 f"{why}); training would learn from the wrong tokens. Check --template against the model"
             )
+    logger.info(first_sample(train_ds))  # what the model sees (llavatune check DATA --model M --show N shows more)
 
     config_path = out / CONFIG_FILE
     if targs.process_index == 0:
