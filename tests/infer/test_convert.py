@@ -681,3 +681,27 @@ def test_sentencepiece_is_a_dependency_and_its_absence_is_explained(sp_original,
     assert rc == 1 and len(lines) == 1, err
     assert "tokenizer.model" in lines[0] and "pip install sentencepiece" in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "llava_v1", "llava_llama_2", "mistral_instruct"])
+def test_llavatune_ids_equal_original_for_each_template(sp_original, sp_converted, template):
+    """Training ids and generation-prompt ids for a two-round conversation equal tokenizer_image_token on the
+    original get_prompt() text (llava_llama_2 puts a literal <s> between rounds)."""
+    from transformers import AutoProcessor
+
+    from llavatune.data.encode import Encoder
+    from llavatune.data.records import Turn
+
+    proc = AutoProcessor.from_pretrained(sp_converted)
+    enc = Encoder(proc, template=template)
+    image_id, n, sp = enc.image_token_id, enc.n_image_tokens, sp_original["sp"]
+    turns = [Turn("human", "<image>\nWhat is the man holding?"), Turn("gpt", "an umbrella"),
+             Turn("human", "What color is it?"), Turn("gpt", "red")]
+    text = "".join(t for t, _ in enc.segmenter(turns, "</s>", False))
+    prompt = "".join(t for t, _ in enc.segmenter(turns[:3], "</s>", True))
+    ids, labels = enc.encode(turns)
+    assert ids == original_ids(text, sp, image_id, n)
+    assert enc.prompt_ids(turns[:3]) == original_ids(prompt, sp, image_id, n)
+    assert proc(images=Image.new("RGB", (32, 32)), text=prompt)["input_ids"][0] == original_ids(prompt, sp, image_id, n)
+    learned = enc.tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100])
+    assert learned.replace(" ", "") == "anumbrella</s>red</s>"

@@ -101,10 +101,10 @@ def prompt_text(encoder, turns: list[Turn]) -> str:
 
 def legend(encoder) -> str:
     tok = encoder.tokenizer
-    bos = f"the tokenizer adds BOS {tok.bos_token} itself" if encoder.bos else "no BOS"
+    bos = f"which adds BOS {tok.bos_token} itself" if encoder.bos else "which adds no BOS"
     per_image = ("its own number of image tokens" if encoder.variable_image_tokens
                  else f"{encoder.n_image_tokens} image tokens")
-    return (f"template {template_label(encoder)}; the text given to the tokenizer ({bos}); each <image> stands for "
+    return (f"template {template_label(encoder)}; text as given to the tokenizer, {bos}; each <image> stands for "
             f"{per_image}; supervised text (what the loss learns) between {OPEN} and {CLOSE}; {NEWLINE} = newline")
 
 
