@@ -556,6 +556,8 @@ def test_stock_processor_ids_equal_original_tokenizer_image_token(sp_original, t
         release_tokenizer_config(src)
     out = tmp_path / "hf"
     convert(ConvertConfig(from_original=str(src), out=str(out), vision_tower=str(sp_original["vision_dir"])))
+    # a generic class, so transformers loads this tokenizer.json as is (a LlamaTokenizer would be rebuilt non-legacy)
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     proc = AutoProcessor.from_pretrained(out)
     img = Image.open(noise_image(tmp_path / "a.png"))
     image_id, n = proc.tokenizer.convert_tokens_to_ids("<image>"), 16

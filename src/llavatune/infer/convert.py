@@ -616,6 +616,13 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
         saved = json.loads((out / "config.json").read_text())
         saved["dtype"] = saved.setdefault("text_config", {})["dtype"] = str(dtype).removeprefix("torch.")
         atomic_write_json(out / "config.json", saved)
+    tok_cfg = out / "tokenizer_config.json"
+    if getattr(tokenizer, "legacy", False) and tok_cfg.is_file():
+        # the SentencePiece tokenizer: name the generic class (transformers 5 writes its internal TokenizersBackend)
+        saved = json.loads(tok_cfg.read_text())
+        if saved.get("tokenizer_class") == "TokenizersBackend":
+            saved["tokenizer_class"] = "PreTrainedTokenizerFast"
+            atomic_write_json(tok_cfg, saved)
     logger.info(f"converted {cfg.from_original}: {report.summary()}")
     return out, report
 

@@ -19,11 +19,14 @@ from llavatune.data.records import IMAGE_TOKEN
 from llavatune.data.templates import VICUNA_JINJA
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
-# Text every prompt contains, so the vocabulary covers the templates whatever the data says.
+# Text every prompt contains, so the vocabulary covers the templates whatever the data says (the system prompts
+# of vicuna_v1 and llava_v1, which differ in "user"/"human", and chatml_direct's).
 TEMPLATE_TEXT = (
     "USER: ASSISTANT: [INST] [/INST] <<SYS>> <</SYS>> <|im_start|> <|im_end|> system user assistant "
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the human's questions. Answer the question using a single word or phrase."
+    "detailed, and polite answers to the human's questions. Answer the question using a single word or phrase. "
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions. Answer the questions."
 )
 
 
