@@ -707,3 +707,22 @@ def test_llavatune_ids_equal_original_for_each_template(sp_original, sp_converte
     assert proc(images=Image.new("RGB", (32, 32)), text=prompt)["input_ids"][0] == original_ids(prompt, sp, image_id, n)
     learned = enc.tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100])
     assert learned.replace(" ", "") == "anumbrella</s>red</s>"
+
+
+def test_release_tokenizer_config_tokens_are_kept(sp_original, tmp_path):
+    """Tokens the original training appended (a [PAD] at the first free id) keep their ids; pad is honoured."""
+    from llavatune.infer.convert import sentencepiece_tokenizer
+
+    d = tmp_path / "tok"
+    d.mkdir()
+    (d / "tokenizer.model").write_bytes((sp_original["src"] / "tokenizer.model").read_bytes())
+    n = sp_original["sp"].get_piece_size()
+    (d / "tokenizer_config.json").write_text(json.dumps({"pad_token": "[PAD]", "added_tokens_decoder": {
+        "0": {"content": "<unk>", "special": True}, str(n): {"content": "[PAD]", "special": True}}}))
+    tok = sentencepiece_tokenizer(d)
+    assert tok.convert_tokens_to_ids("[PAD]") == n and tok.pad_token == "[PAD]" and len(tok) == n + 1
+    assert tok("What is it?").input_ids == [1] + sp_original["sp"].encode("What is it?")
+    (d / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        str(n + 5): {"content": "[PAD]", "special": True}}}))
+    with pytest.raises(Exception, match="next free id"):
+        sentencepiece_tokenizer(d)

@@ -380,7 +380,7 @@ def sentencepiece_tokenizer(folder: Path):
         raise UserError(f"{path}: reading a SentencePiece tokenizer needs the {e.name or 'sentencepiece'} package; "
                         "pip install sentencepiece protobuf (both are llavatune dependencies)") from None
     from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AddedToken, PreTrainedTokenizerFast
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
     cfg_path = folder / "tokenizer_config.json"
@@ -405,6 +405,17 @@ def sentencepiece_tokenizer(folder: Path):
         pad_token=pad if pad is not None and backend.token_to_id(pad) is not None else None,
         model_max_length=int(tcfg.get("model_max_length") or 0) or None, clean_up_tokenization_spaces=False,
     )
+    # tokens the original training added after the SentencePiece vocabulary (e.g. "[PAD]"), at their ids
+    added = sorted((int(i), t) for i, t in (tcfg.get("added_tokens_decoder") or {}).items() if int(i) >= len(tok))
+    for i, t in added:
+        content = _token_content(t)
+        if i != len(tok) or content is None:
+            raise UserError(f"{cfg_path}: added token {t!r} has id {i}, but the next free id is {len(tok)}; the "
+                            "tokenizer files do not fit together")
+        tok.add_tokens(AddedToken(content, special=bool(isinstance(t, dict) and t.get("special", True)),
+                                  normalized=False), special_tokens=True)
+    if pad is not None and tok.pad_token is None and pad in tok.get_vocab():
+        tok.pad_token = pad
     tok.legacy = True
     return tok
 
