@@ -116,8 +116,8 @@ def test_report_counts_every_problem(dataset, tmp_path, capsys):
         "not-an-object": 1,
         "missing-conversations": 1,
         "unknown-role": 1,
-        "empty-turn": 1,
-        "not-alternating": 2,  # 'notalt' and 'startgpt'
+        "empty-answer": 1,
+        "not-alternating": 1,  # 'notalt' ('startgpt' is reported once, as not starting with a human turn)
         "not-starting-with-human": 1,
         "no-gpt-turn": 1,
         "placeholder-mismatch": 2,
@@ -143,18 +143,20 @@ def test_report_counts_every_problem(dataset, tmp_path, capsys):
     assert by_kind["not-an-object"] == {"#15"}
     assert by_kind["missing-conversations"] == {"'noconv'"}
     assert by_kind["unknown-role"] == {"'badrole'"}
-    assert by_kind["empty-turn"] == {"'emptyturn'"}
+    assert by_kind["empty-answer"] == {"'emptyturn'"}
+    assert by_kind["not-starting-with-human"] == {"'startgpt'"}
     assert by_kind["no-gpt-turn"] == {"#21"}
     assert by_kind["placeholder-mismatch"] == {"'mismatch'", "'two-bad'"}
-    assert by_kind["duplicate-id"] == {"'ok1'"}
+    assert by_kind["duplicate-id"] == {"'ok1' (#23)"}  # the repeating record is named by its position too
     dup = next(p for p in rep["problems"] if p["kind"] == "duplicate-id")
-    assert dup["index"] == 23 and "#0" in dup["message"] and dup["field"] == "id"
+    assert dup["index"] == 23 and dup["field"] == "id"
+    assert dup["message"].startswith("record #23 repeats the id 'ok1' of record #0")
     esc = next(p for p in rep["problems"] if p["record"] == "'escape'")
     assert esc["field"] == "image" and esc["image"] == "../escape.jpg" and esc["file"] == str(dataset)
 
     # the printed report: totals, counts per kind, examples naming file, record and field
     assert "25 read, 9 without errors, 16 with errors" in out
-    assert "errors: 18" in out and "info: 4" in out
+    assert "errors: 17" in out and "info: 4" in out
     assert f"{dataset}: record 'trunc': field 'image': 'trunc.jpg'" in out
     assert f"{dataset}: record #21: field 'conversations'" in out
     assert f"{dataset}: record 'badrole': field 'conversations[0].from': unknown role 'robot'" in out

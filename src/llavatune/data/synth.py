@@ -1215,7 +1215,7 @@ def run_synth(args: SynthArgs) -> SynthReport:
             )
             problems = record_problems(rec)
             if problems:  # defensive: never write a record `train` would refuse
-                msg = "; ".join(f"{f}: {m}" for f, m in problems)
+                msg = "; ".join(f"{q.field}: {q.message}" for q in problems)
                 rejects.append(
                     Reject("invalid-record", msg, image=it.key, id=it.id, where=it.where, reply=entry.get("reply"))
                 )
