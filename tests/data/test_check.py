@@ -327,3 +327,36 @@ def test_model_length_statistics(tmp_path, capsys):
 def test_raw_records_readable_by_loader(dataset):
     # sanity: the fixture's data file is valid JSON the normal reader accepts
     assert len(read_json_objects(dataset)) == 25
+
+
+def test_model_lengths_say_what_the_configured_truncation_does(tmp_path, capsys):
+    """Reproduction 12: `check --model` said an over-length sample "will be truncated" when training drops it."""
+    from llavatune.model.tiny import build_tiny
+
+    words = "red green blue cat dog house tree car"
+    d = tmp_path / "data"
+    d.mkdir()
+    Image.fromarray(_noise(16, 16)).save(d / "a.jpg")
+    long_answer = " ".join([words] * 20)
+    recs = [
+        _rec("ok", "a.jpg", _conv("<image>\nred?", "cat")),
+        _rec("long", None, _conv("Say it.", long_answer)),
+        _rec("multi", "a.jpg", _conv("<image>\nred?", "cat") + _conv("Say it.", long_answer)),
+    ]
+    (d / "data.json").write_text(json.dumps(recs))
+    model = tmp_path / "model"
+    build_tiny([words, "Say it. What is it?"], model)
+
+    def warnings_of(*flags):
+        rc, out, _ = _run(capsys, d / "data.json", "--model", model, "--max-length", 60, "--json", tmp_path / "r.json",
+                          *flags)
+        assert rc == 0, out
+        probs = _report(tmp_path / "r.json")["problems"]
+        return {p["record"]: p["message"] for p in probs if p["kind"] == "too-long"}
+
+    dropped = warnings_of()
+    assert set(dropped) == {"'long'", "'multi'"}
+    assert all("training drops it (--truncation drop" in m for m in dropped.values()), dropped
+    kept = warnings_of("--truncation", "truncate")
+    assert "keeps its first 1 of 2 exchanges, whole" in kept["'multi'"], kept
+    assert "cuts its answer short" in kept["'long'"], kept

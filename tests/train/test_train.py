@@ -254,7 +254,7 @@ def test_bare_resume_flag_continues_from_the_latest_checkpoint(shapes, tmp_path)
 def test_finished_run_is_left_alone_and_a_different_run_is_refused(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--model", "tiny", "--data", str(shapes["train"]), "--output_dir", str(out), "--max_steps", "2",
-            "--save_strategy", "no", *FAST]
+            "--save_strategy", "steps", "--save_steps", "2", *FAST]
     assert cli_main(args) == 0
     capsys.readouterr()
     names = sorted(p.name for p in out.rglob("*"))
@@ -269,7 +269,7 @@ def test_finished_run_is_left_alone_and_a_different_run_is_refused(shapes, tmp_p
     other.write_text(json.dumps(json.loads(Path(shapes["train"]).read_text())[:8]))
     (tmp_path / "images").symlink_to(Path(shapes["train"]).parent / "images")
     changed = ["train", "--model", "tiny", "--data", str(other), "--output_dir", str(out), "--max_steps", "2",
-               "--save_strategy", "no", *FAST[:-6], "--learning_rate", "1e-3", *FAST[-4:]]
+               "--save_strategy", "steps", "--save_steps", "2", *FAST[:-6], "--learning_rate", "1e-3", *FAST[-4:]]
     assert cli_main(changed) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
