@@ -425,3 +425,18 @@ def test_eval_and_predict_use_the_same_validation(base, tmp_path, capsys):
     assert f"{root / 'q.jsonl'}:2: record 'b': field 'image'" in rows[1]["error"]
     assert isinstance(rows[0]["answer"], str) and isinstance(rows[2]["answer"], str)
     assert {k: v for k, v in _hashes(root).items() if k in before} == before
+
+
+def test_score_never_writes_over_its_inputs(shapes, tmp_path, capsys):
+    src = Path(shapes["src"])
+    q = next(src.rglob("*val2014_questions.json"))
+    a = next(src.rglob("*val2014_annotations.json"))
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("")
+    before = {p: p.read_bytes() for p in (q, a, preds)}
+    for target in (a, q, preds):
+        rc = cli(["score", "--questions", str(q), "--annotations", str(a), "--predictions", str(preds),
+                  "--out", str(target)])
+        line = _error_line(capsys.readouterr().err, "llavatune score")
+        assert rc == 1 and "that is an input file" in line
+    assert all(p.read_bytes() == b for p, b in before.items())

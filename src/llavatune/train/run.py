@@ -412,8 +412,9 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     with targs.main_process_first(desc="validate data"):
         train_records, train_roots, val_records, val_roots, validations, cache = validate_training_data(dargs, out)
         if targs.process_index == 0:
+            images = [str(f) for v in validations for f in v.image_files] if mthd.overwrite else []
             prepare_output_dir(out, overwrite=mthd.overwrite, resume=plan.existing or resume_from is not None,
-                               kind="train", inputs=_inputs(margs, dargs, mthd))
+                               kind="train", inputs={**_inputs(margs, dargs, mthd), "an image of the data": images})
             write_run_state(out, fingerprint, "running")
             write_validation_files(out, validations, cache)
     n_prior = {"train": len(validations[0].bad), "validation": len(validations[1].bad) if dargs.val_data else 0}
