@@ -106,3 +106,20 @@ def test_overwrite_replaces_only_our_own_outputs_holding_no_input(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         check_output_dir(tmp_path / "file", overwrite=True, kind="train")
+
+
+def test_outputs_of_older_versions_are_recognised_by_their_own_files(tmp_path):
+    from llavatune.utils import output_kind
+
+    def folder(name, *files):
+        d = tmp_path / name
+        for f in files:
+            (d / f).parent.mkdir(parents=True, exist_ok=True)
+            (d / f).write_text("{}")
+        return d
+
+    assert output_kind(folder("prep", "data.json", "prepare_report.json", "llavatune_config.yaml")) == "prepare"
+    assert output_kind(folder("run", "llavatune_config.yaml", "metrics.jsonl", "base_model/config.json")) == "train"
+    assert output_kind(folder("half", "llavatune_config.yaml", "base_model/config.json")) == "train"
+    assert output_kind(folder("merged", "config.json", "model.safetensors", "llavatune_checkpoint.json")) == "merge"
+    assert output_kind(folder("mine", "llavatune_config.yaml", "notes.txt")) is None  # a copied config alone is not

@@ -98,11 +98,13 @@ OUTPUT_MARKER = "llavatune_output.json"
 """Written first into every folder a llavatune command creates; ``--overwrite`` removes only folders that have it
 (or the files older llavatune versions left in their outputs, :data:`LEGACY_MARKERS`)."""
 
-LEGACY_MARKERS = {
-    "train": ("llavatune_config.yaml",),
-    "prepare": ("prepare_report.json",),
-    "merge": ("llavatune_checkpoint.json",),
-}
+LEGACY_MARKERS = (  # (kind, files that must all be there), first match wins
+    ("prepare", ("prepare_report.json",)),  # prepare writes a llavatune_config.yaml too
+    ("train", ("llavatune_config.yaml", "metrics.jsonl")),
+    ("train", ("llavatune_config.yaml", "llavatune_checkpoint.json")),
+    ("train", ("llavatune_config.yaml", "base_model/config.json")),
+    ("merge", ("llavatune_checkpoint.json", "config.json")),
+)
 
 
 def output_kind(path: str | os.PathLike) -> str | None:
@@ -117,8 +119,8 @@ def output_kind(path: str | os.PathLike) -> str | None:
             kind = None
         if isinstance(kind, str):
             return kind
-    for kind, names in LEGACY_MARKERS.items():
-        if any((p / n).is_file() for n in names):
+    for kind, names in LEGACY_MARKERS:
+        if all((p / n).is_file() for n in names):
             return kind
     return None
 

@@ -49,7 +49,6 @@ from llavatune.utils import UserError, atomic_write_text, check_output_file, ima
 
 __all__ = ["Problem", "CheckReport", "check_dataset", "write_fixed", "CheckArgs", "main"]
 _SEVERITIES = SEVERITIES
-_PROGRESS_MIN_IMAGES = 200  # show a progress bar (on a terminal) from this many image files on
 
 
 @dataclass
