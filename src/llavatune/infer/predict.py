@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from llavatune.config import config, parse_config
 from llavatune.data.images import ImageError, open_image
-from llavatune.data.records import MAX_BAD_RECORDS, IMAGE_TOKEN, Turn, image_root, validate_data
+from llavatune.data.records import IMAGE_TOKEN, MAX_BAD_RECORDS, Turn, image_root, validate_data
 from llavatune.utils import UserError, atomic_write_jsonl, check_output_file, resolve_under
 
 logger = logging.getLogger("llavatune")
