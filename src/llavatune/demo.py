@@ -83,7 +83,7 @@ def demo(cfg: DemoConfig) -> dict:
     from llavatune.model.tiny import build_tiny
 
     t0 = time.time()
-    out = prepare_output_dir(cfg.out, overwrite=cfg.overwrite)
+    out = prepare_output_dir(cfg.out, overwrite=cfg.overwrite, kind="demo", flag="--out")
     common = ["--report_to", "none", "--seed", str(cfg.seed), "--dataloader_num_workers", "0"]
 
     # Dataset: synthetic shapes in the official OK-VQA layout, converted the way real OK-VQA is

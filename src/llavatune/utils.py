@@ -46,17 +46,30 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def resolve_under(root: str | os.PathLike, rel: str) -> Path:
-    """Resolve image path ``rel`` against ``root``; refuse paths that escape ``root``.
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
 
-    Absolute paths are allowed only when they lie inside ``root`` (security: a dataset must not make us
-    read arbitrary files such as ``../../etc/passwd``).
+
+def resolve_under(root: str | os.PathLike, rel: str) -> Path:
+    """The file image path ``rel`` names under ``root``; refuse paths that escape ``root``.
+
+    Containment is checked on the *normalised* path (``..`` folded lexically, symlinks not followed) inside the
+    resolved root, so an image folder reached through a symlink (``ln -s /datasets/coco/train2014 images``, the
+    usual way to point at a shared copy) works, while ``../`` escapes and absolute paths outside the root are
+    refused (security: a dataset must not make us read arbitrary files such as ``../../etc/passwd``). Absolute
+    paths are allowed when they lie inside the root as given or as resolved. The path returned is the normalised
+    one; opening it follows the user's symlinks.
     """
-    root_p = Path(root).resolve()
+    root_real = Path(os.path.realpath(root))
     p = Path(rel)
-    full = (p if p.is_absolute() else root_p / p).resolve()
-    if full != root_p and root_p not in full.parents:
-        raise UserError(f"image path {rel!r} escapes the image folder {root_p}")
+    if p.is_absolute():
+        full = Path(os.path.normpath(p))
+        inside = _within(full, Path(os.path.abspath(root))) or _within(full, root_real)
+    else:
+        full = Path(os.path.normpath(root_real / p))
+        inside = _within(full, root_real)
+    if not inside:
+        raise UserError(f"image path {rel!r} escapes the image folder {root_real}")
     return full
 
 
@@ -79,19 +92,130 @@ def rebase_image_path(rel: str, root: Path, out_dir: Path) -> str:
     return Path(new).as_posix()
 
 
-def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create an output directory; refuse a non-empty one unless ``overwrite`` (or ``resume``)."""
+# ------------------------------------------------------------------------------- outputs never touch inputs
+
+OUTPUT_MARKER = "llavatune_output.json"
+"""Written first into every folder a llavatune command creates; ``--overwrite`` removes only folders that have it
+(or the files older llavatune versions left in their outputs, :data:`LEGACY_MARKERS`)."""
+
+LEGACY_MARKERS = (  # (kind, files that must all be there), first match wins
+    ("prepare", ("prepare_report.json",)),  # prepare writes a llavatune_config.yaml too
+    ("train", ("llavatune_config.yaml", "metrics.jsonl")),
+    ("train", ("llavatune_config.yaml", "llavatune_checkpoint.json")),
+    ("train", ("llavatune_config.yaml", "base_model/config.json")),
+    ("merge", ("llavatune_checkpoint.json", "config.json")),
+)
+
+
+def output_kind(path: str | os.PathLike) -> str | None:
+    """The command that made folder ``path`` (``train``, ``prepare``, ``demo``, ``merge`` ...), or None when it is
+    not recognisably a llavatune output."""
     p = Path(path)
-    if p.exists() and any(p.iterdir()):
-        if resume:
+    marker = p / OUTPUT_MARKER
+    if marker.is_file():
+        try:
+            kind = json.loads(marker.read_text(encoding="utf-8")).get("command")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if isinstance(kind, str):
+            return kind
+    for kind, names in LEGACY_MARKERS:
+        if all((p / n).is_file() for n in names):
+            return kind
+    return None
+
+
+def write_output_marker(path: str | os.PathLike, kind: str) -> None:
+    atomic_write_json(Path(path) / OUTPUT_MARKER, {"command": kind, "note": "made by llavatune; --overwrite may replace this folder"})
+
+
+def _real(p: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(p))
+
+
+def check_output_file(target: str | os.PathLike, inputs: dict[str, Any], flag: str) -> None:
+    """Refuse to write file ``target`` when it is one of ``inputs`` (``{flag or description: path or paths}``).
+
+    Compares real paths and file identity (a hard link or symlink to an input counts as the input).
+    """
+    t = Path(target)
+    if t.is_dir():
+        raise UserError(f"{flag} {target}: is a folder; give a file path")
+    real = _real(t)
+    for what, value in inputs.items():
+        for v in value if isinstance(value, (list, tuple, set)) else [value]:
+            if v is None:
+                continue
+            same = _real(v) == real
+            if not same and t.exists() and Path(v).exists():
+                try:
+                    same = os.path.samefile(t, v)
+                except OSError:
+                    same = False
+            if same:
+                raise UserError(
+                    f"{flag} {target}: that is an input file ({what} {v}); llavatune never writes over its inputs: "
+                    "choose another path"
+                )
+
+
+def check_output_dir(path: str | os.PathLike, *, overwrite: bool, kind: str, inputs: dict[str, Any] | None = None,
+                     flag: str = "--output_dir", resume: bool = False) -> None:
+    """Refuse, before anything is written, an output folder that would touch an input.
+
+    ``path`` may not be a file; with ``overwrite`` (the folder would be deleted) it must be a llavatune ``kind``
+    output (:func:`output_kind`) and no input (``{flag: path}``: data file, image folder, model folder) may lie
+    inside it; without ``overwrite`` a non-empty folder is refused unless ``resume``.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {path}: exists and is a file, not a folder; choose a folder path")
+    if not (p.is_dir() and any(p.iterdir())):
+        return
+    if resume and not overwrite:
+        return
+    if not overwrite:
+        raise UserError(
+            f"{flag} {path}: exists and is not empty; pass --overwrite to replace it "
+            + ("(or --resume to continue a training run) " if kind == "train" else "")
+            + "or choose a new folder"
+        )
+    real = _real(p)
+    for what, value in (inputs or {}).items():
+        for v in value if isinstance(value, (list, tuple, set)) else [value]:
+            if v is not None and Path(v).exists() and _within(_real(v), real):
+                raise UserError(
+                    f"{flag} {path}: --overwrite would delete it, and it contains the input {v} ({what}); "
+                    "llavatune never deletes its inputs: choose another output folder"
+                )
+    if p.is_symlink():
+        raise UserError(f"{flag} {path}: is a symbolic link; --overwrite does not delete through links: remove it yourself")
+    found = output_kind(p)
+    if found != kind:
+        what_it_is = f"a llavatune {found} output" if found else "not a llavatune output"
+        raise UserError(
+            f"{flag} {path}: --overwrite only replaces a llavatune {kind} output (marked by {OUTPUT_MARKER}), and this "
+            f"folder is {what_it_is}; choose another folder or remove it yourself"
+        )
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False, *, kind: str = "train",
+                       inputs: dict[str, Any] | None = None, flag: str = "--output_dir") -> Path:
+    """Create an output folder (marked as a llavatune ``kind`` output) after :func:`check_output_dir`.
+
+    A non-empty folder is kept as is with ``resume``, replaced with ``overwrite`` (only when it is our own output
+    and holds none of ``inputs``), refused otherwise.
+    """
+    p = Path(path)
+    check_output_dir(p, overwrite=overwrite, kind=kind, inputs=inputs, flag=flag, resume=resume)
+    if p.is_dir() and any(p.iterdir()):
+        if resume and not overwrite:
+            if not (p / OUTPUT_MARKER).is_file():
+                write_output_marker(p, kind)
             return p
-        if not overwrite:
-            raise UserError(
-                f"output directory {p} exists and is not empty; pass --overwrite to replace it "
-                "(or --resume to continue a training run)"
-            )
         shutil.rmtree(p)
     p.mkdir(parents=True, exist_ok=True)
+    write_output_marker(p, kind)
     return p
 
 

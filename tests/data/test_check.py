@@ -116,8 +116,8 @@ def test_report_counts_every_problem(dataset, tmp_path, capsys):
         "not-an-object": 1,
         "missing-conversations": 1,
         "unknown-role": 1,
-        "empty-turn": 1,
-        "not-alternating": 2,  # 'notalt' and 'startgpt'
+        "empty-answer": 1,
+        "not-alternating": 1,  # 'notalt' ('startgpt' is reported once, as not starting with a human turn)
         "not-starting-with-human": 1,
         "no-gpt-turn": 1,
         "placeholder-mismatch": 2,
@@ -143,18 +143,20 @@ def test_report_counts_every_problem(dataset, tmp_path, capsys):
     assert by_kind["not-an-object"] == {"#15"}
     assert by_kind["missing-conversations"] == {"'noconv'"}
     assert by_kind["unknown-role"] == {"'badrole'"}
-    assert by_kind["empty-turn"] == {"'emptyturn'"}
+    assert by_kind["empty-answer"] == {"'emptyturn'"}
+    assert by_kind["not-starting-with-human"] == {"'startgpt'"}
     assert by_kind["no-gpt-turn"] == {"#21"}
     assert by_kind["placeholder-mismatch"] == {"'mismatch'", "'two-bad'"}
-    assert by_kind["duplicate-id"] == {"'ok1'"}
+    assert by_kind["duplicate-id"] == {"'ok1' (#23)"}  # the repeating record is named by its position too
     dup = next(p for p in rep["problems"] if p["kind"] == "duplicate-id")
-    assert dup["index"] == 23 and "#0" in dup["message"] and dup["field"] == "id"
+    assert dup["index"] == 23 and dup["field"] == "id"
+    assert dup["message"].startswith("record #23 repeats the id 'ok1' of record #0")
     esc = next(p for p in rep["problems"] if p["record"] == "'escape'")
     assert esc["field"] == "image" and esc["image"] == "../escape.jpg" and esc["file"] == str(dataset)
 
     # the printed report: totals, counts per kind, examples naming file, record and field
     assert "25 read, 9 without errors, 16 with errors" in out
-    assert "errors: 18" in out and "info: 4" in out
+    assert "errors: 17" in out and "info: 4" in out
     assert f"{dataset}: record 'trunc': field 'image': 'trunc.jpg'" in out
     assert f"{dataset}: record #21: field 'conversations'" in out
     assert f"{dataset}: record 'badrole': field 'conversations[0].from': unknown role 'robot'" in out
@@ -325,3 +327,36 @@ def test_model_length_statistics(tmp_path, capsys):
 def test_raw_records_readable_by_loader(dataset):
     # sanity: the fixture's data file is valid JSON the normal reader accepts
     assert len(read_json_objects(dataset)) == 25
+
+
+def test_model_lengths_say_what_the_configured_truncation_does(tmp_path, capsys):
+    """Reproduction 12: `check --model` said an over-length sample "will be truncated" when training drops it."""
+    from llavatune.model.tiny import build_tiny
+
+    words = "red green blue cat dog house tree car"
+    d = tmp_path / "data"
+    d.mkdir()
+    Image.fromarray(_noise(16, 16)).save(d / "a.jpg")
+    long_answer = " ".join([words] * 20)
+    recs = [
+        _rec("ok", "a.jpg", _conv("<image>\nred?", "cat")),
+        _rec("long", None, _conv("Say it.", long_answer)),
+        _rec("multi", "a.jpg", _conv("<image>\nred?", "cat") + _conv("Say it.", long_answer)),
+    ]
+    (d / "data.json").write_text(json.dumps(recs))
+    model = tmp_path / "model"
+    build_tiny([words, "Say it. What is it?"], model)
+
+    def warnings_of(*flags):
+        rc, out, _ = _run(capsys, d / "data.json", "--model", model, "--max-length", 60, "--json", tmp_path / "r.json",
+                          *flags)
+        assert rc == 0, out
+        probs = _report(tmp_path / "r.json")["problems"]
+        return {p["record"]: p["message"] for p in probs if p["kind"] == "too-long"}
+
+    dropped = warnings_of()
+    assert set(dropped) == {"'long'", "'multi'"}
+    assert all("training drops it (--truncation drop" in m for m in dropped.values()), dropped
+    kept = warnings_of("--truncation", "truncate")
+    assert "keeps its first 1 of 2 exchanges, whole" in kept["'multi'"], kept
+    assert "cuts its answer short" in kept["'long'"], kept

@@ -156,3 +156,34 @@ def test_mixed_batch_forward_matches_feature_count(tiny_processor, tmp_path):
     batch = LlavaCollator(tiny_processor.tokenizer.pad_token_id)([ds[0], ds[1]])
     out = model(**batch)
     assert torch.isfinite(out.loss)
+
+
+def test_truncation_keeps_whole_turns_and_the_masking_self_check_agrees(tiny_processor, tmp_path):
+    """Reproduction 7: a multi-turn sample whose later turn did not fit was cut mid-answer, failed the masking
+    self-check and blamed --template. It keeps the exchanges that fit, whole, with their images."""
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(tmp_path / "b.png")
+    long = "red green blue " * 40
+    turns = [Turn("human", "<image>\nWhat color is the shape?"), Turn("gpt", "red"),
+             Turn("human", "How many shapes are there?"), Turn("gpt", "2"),
+             Turn("human", "<image>\nAnd this one?"), Turn("gpt", long)]
+    full = Encoder(tiny_processor, template="vicuna_v1", max_length=10_000)
+    n2 = len(full.encode(turns[:4])[0])
+    enc = Encoder(tiny_processor, template="vicuna_v1", max_length=n2 + 3, truncation="truncate")
+    fitted = enc.fit(turns)
+    assert fitted.turns == turns[:4] and not fitted.cut and fitted.n_images == 1
+    assert fitted.input_ids == full.encode(turns[:4])[0]
+    assert supervised(enc, fitted.input_ids, fitted.labels).replace(" ", "") == f"red{enc.eos}2{enc.eos}".replace(" ", "")
+    rec = Record("multi", turns, ["a.png", "b.png"])
+    ds = LlavaDataset([rec], enc, [tmp_path])
+    assert len(ds) == 1 and ds.masking_problems == [] and ds.n_truncated == 1
+    assert [p.name for p in ds.samples[0].image_paths] == ["a.png"]  # the dropped turn's image goes with it
+    assert ds[0]["pixel_values"].shape[0] == 1
+    assert "truncated to max_length" in ds.report()
+    # only when not even the first exchange fits is its answer cut short (never through image tokens)
+    one = [Turn("human", "<image>\nWhat?"), Turn("gpt", long)]
+    f = enc.fit(one)
+    assert f.cut and len(f.input_ids) == enc.max_length and check_masking(enc, f.turns, f.labels, cut=True) is None
+    drop = Encoder(tiny_processor, template="vicuna_v1", max_length=n2 + 3)
+    ds = LlavaDataset([rec], drop, [tmp_path])
+    assert len(ds) == 0 and list(ds.skipped) == ["too-long"]

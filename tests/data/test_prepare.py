@@ -289,8 +289,14 @@ def test_non_empty_out_refused_without_overwrite(okvqa, tmp_path, capsys):
     rc, _, err = run(capsys, "okvqa", *okvqa_args(okvqa), "--out", out)
     assert rc == 1 and "--overwrite" in one_line_error(err)
     assert (out / "keep.txt").exists()
+    # --overwrite replaces only a llavatune prepare output, never a folder of the user's own files
     rc, _, err = run(capsys, "okvqa", *okvqa_args(okvqa), "--out", out, "--overwrite")
-    assert rc == 0 and not (out / "keep.txt").exists() and (out / "data.json").is_file()
+    assert rc == 1 and "not a llavatune output" in one_line_error(err) and (out / "keep.txt").read_text() == "mine"
+    out2 = tmp_path / "out2"
+    assert run(capsys, "okvqa", *okvqa_args(okvqa), "--out", out2)[0] == 0
+    (out2 / "stale.txt").write_text("from an earlier prepare")
+    rc, _, err = run(capsys, "okvqa", *okvqa_args(okvqa), "--out", out2, "--overwrite")
+    assert rc == 0 and not (out2 / "stale.txt").exists() and (out2 / "data.json").is_file()
 
 
 def test_overwrite_never_deletes_inputs(okvqa, capsys):

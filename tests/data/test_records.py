@@ -82,5 +82,7 @@ def test_structural_problems_are_reported():
     from llavatune.data.records import Record, Turn
 
     r = Record("x", [Turn("gpt", "a"), Turn("human", "")], images=["i.jpg"])
-    fields = {f for f, _ in record_problems(r)}
-    assert {"conversations[0]", "image"} <= fields
+    found = {(q.kind, q.field) for q in record_problems(r)}  # problems are data: kind and field, no text matching
+    assert {("not-starting-with-human", "conversations[0]"), ("placeholder-mismatch", "image"),
+            ("empty-turn", "conversations[1].value")} <= found
+    assert all(q.severity == "error" and q.record == "'x'" for q in record_problems(r))

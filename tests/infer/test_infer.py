@@ -212,15 +212,15 @@ def test_bad_input_gives_one_line_errors(ckpts, images, tmp_path, capsys):
     fails([*model, "--image", images["broken"], *q], str(images["broken"]), "cannot read image")
     fails([*model, "--image", tmp_path / "nope.png", *q], "nope.png", "not found")
     fails([*model, *q, "--input", tmp_path / "x.jsonl"], "either --question")
-    bad = tmp_path / "bad.jsonl"
+    bad = tmp_path / "bad.jsonl"  # rows are named file:line, as 'llavatune check' names them
     bad.write_text('{"image": "a.png", "question": "q"}\n{not json\n')
-    fails([*model, "--input", bad], "line 1", "a.png")
+    fails([*model, "--input", bad], f"{bad}:1", "a.png", "not found")
     bad.write_text('{"question": "q"}\n{not json\n')
-    fails([*model, "--input", bad], "line 2", "not valid JSON")
+    fails([*model, "--input", bad], f"{bad}:2", "not valid JSON")
     bad.write_text('{"image": "../../etc/passwd", "question": "q"}\n')
-    fails([*model, "--input", bad], "line 1", "escapes")
+    fails([*model, "--input", bad], f"{bad}:1", "outside the image folder")
     bad.write_text('{"image": null}\n')
-    fails([*model, "--input", bad], "line 1", "'question'")
+    fails([*model, "--input", bad], f"{bad}:1", "'question'")
     if not torch.cuda.is_available():
         fails([*model, "--image", images["red"], *q, "--device", "cuda"], "no CUDA GPU", "--device cpu")
     # model folders missing files
@@ -438,8 +438,15 @@ def test_merge_refuses_existing_out_and_replaces_atomically(ckpts, tmp_path, cap
     assert "--overwrite" in error_line(capsys.readouterr().err) and (out / "keep.txt").exists()
     assert cli_main(["merge", "--model", str(ckpts["lora"]), "--out", str(ckpts["lora"] / "inside")]) == 1
     assert "inside the source" in error_line(capsys.readouterr().err)
+    # --overwrite never deletes a folder of the user's own files, only an earlier merge output
+    assert cli_main(["merge", "--model", str(ckpts["full"]), "--out", str(out), "--overwrite"]) == 1
+    assert "not a llavatune output" in error_line(capsys.readouterr().err) and (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    assert cli_main(["merge", "--model", str(ckpts["lora"]), "--out", str(out)]) == 0
+    (out / "stale.txt").write_text("from the earlier merge")
     assert cli_main(["merge", "--model", str(ckpts["full"]), "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], "no temp folders left next to the output"
     meta = json.loads((out / "llavatune_checkpoint.json").read_text())
     assert meta["method"] == "merged" and meta["source_method"] == "full"

@@ -198,36 +198,87 @@ def test_separate_learning_rates(shapes, tmp_path):
     assert lrs == [2e-5, 1e-2]
 
 
-class StopAt(TrainerCallback):
+class Killed(Exception):
+    """Stands in for kill -9: the process stops in the middle of training, nothing is finished or cleaned up."""
+
+
+class KillAfter(TrainerCallback):
+    """Die right after step ``step`` was logged (metrics.jsonl holds it), like a kill between two checkpoints."""
+
     def __init__(self, step):
         self.step = step
 
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
+    def on_log(self, args, state, control, logs=None, **kw):
+        if state.global_step == self.step and logs and "loss" in logs:
+            raise Killed(f"killed after step {self.step}")
+
+
+def metric_rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r["loss"] for r in metric_rows(out) if "loss" in r}
 
 
-def test_resume_reproduces_uninterrupted_run(shapes, tmp_path):
+def test_resume_reproduces_uninterrupted_run_and_logs_each_step_once(shapes, tmp_path):
     args = ["--model", "tiny", "--data", shapes["train"], "--max_steps", "6", "--save_strategy", "steps",
             "--save_steps", "3", *FAST]
     full = tmp_path / "full"
     run_train([*args, "--output_dir", full])
     part = tmp_path / "part"
-    run_train([*args, "--output_dir", part], callbacks=[StopAt(3)])
-    assert (part / "checkpoint-3" / "optimizer.pt").is_file()
-    assert max(losses(part)) == 3
+    with pytest.raises(Killed):  # killed after step 4, one step past checkpoint-3
+        run_train([*args, "--output_dir", part], callbacks=[KillAfter(4)])
+    assert (part / "checkpoint-3" / "optimizer.pt").is_file() and not (part / "checkpoint-4").exists()
+    assert max(losses(part)) == 4
     # the same command again resumes automatically from checkpoint-3 (model, optimizer, scheduler, RNG, data)
     run_train([*args, "--output_dir", part])
+    steps = [r["step"] for r in metric_rows(part) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6], "each step once: the interrupted attempt's step 4 is not kept twice"
     a, b = losses(full), losses(part)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a, b)
+    assert sum("train_runtime" in r for r in metric_rows(part)) == 1
+
+
+def test_bare_resume_flag_continues_from_the_latest_checkpoint(shapes, tmp_path):
+    args = ["--model", "tiny", "--data", shapes["train"], "--max_steps", "4", "--save_strategy", "steps",
+            "--save_steps", "2", "--output_dir", tmp_path / "run", *FAST]
+    with pytest.raises(Killed):
+        run_train(args, callbacks=[KillAfter(3)])
+    trainer = run_train([*args, "--resume"])  # bare flag (it used to say "expected one argument")
+    assert trainer.state.global_step == 4
+    assert [r["step"] for r in metric_rows(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_finished_run_is_left_alone_and_a_different_run_is_refused(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", "tiny", "--data", str(shapes["train"]), "--output_dir", str(out), "--max_steps", "2",
+            "--save_strategy", "steps", "--save_steps", "2", *FAST]
+    assert cli_main(args) == 0
+    capsys.readouterr()
+    names = sorted(p.name for p in out.rglob("*"))
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # the same command again: says it is finished, exit 0, changes nothing (no "train_loss 0.0" row, no new report)
+    assert cli_main(args) == 0
+    assert "finished" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*")) == names
+    assert all(p.read_bytes() == b for p, b in snapshot.items())
+    # different data and a different learning rate: refused, naming both, offering --overwrite / a new folder
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(json.loads(Path(shapes["train"]).read_text())[:8]))
+    (tmp_path / "images").symlink_to(Path(shapes["train"]).parent / "images")
+    changed = ["train", "--model", "tiny", "--data", str(other), "--output_dir", str(out), "--max_steps", "2",
+               "--save_strategy", "steps", "--save_steps", "2", *FAST[:-6], "--learning_rate", "1e-3", *FAST[-4:]]
+    assert cli_main(changed) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "different run" in err and "--data" in err and "--learning_rate 0.01 -> 0.001" in err
+    assert "--overwrite" in err and "--output_dir" in err
+    assert all(p.read_bytes() == b for p, b in snapshot.items()), "the finished run is untouched"
+    # --overwrite replaces it (it is a llavatune run and holds no input)
+    assert cli_main([*changed, "--overwrite"]) == 0
+    assert json.loads((out / "llavatune_run.json").read_text())["fingerprint"]["learning_rate"] == 1e-3
 
 
 def test_refuses_non_empty_output_dir(shapes, tmp_path, capsys):

@@ -1,99 +1,54 @@
 """``llavatune check DATA``: validate a dataset before training and say exactly what is wrong.
 
-    llavatune check data.json [--image-folder DIR] [--model MODEL] [--max-length 2048]
+    llavatune check data.json [--image-folder DIR] [--model MODEL] [--max-length 2048] [--truncation drop]
                               [--fix clean.json] [--json report.json]
 
 Every record is checked and every problem is reported; nothing stops at the first bad record. The
 report gives totals, counts per problem kind and a few examples of each kind, each naming the file
 (``file:line`` for ``.jsonl``), the record (its id, or ``#index`` when it has none) and the field.
 
+The checks are :func:`llavatune.data.records.validate_data`, the one validation ``train``, ``eval`` and
+``predict --input`` run too: an error here is a record they skip (listed) or, past ``--max_bad_records``,
+a file they refuse; a structural error (not JSON, not a list, not UTF-8, no records) is always refused.
+
 Severities: **errors** make a record unusable (the command exits 1); **warnings** (samples longer than
-``--max-length``) and **info** (image modes that are converted to RGB: CMYK, alpha, 16-bit, grayscale)
-are counted but allowed (exit 0).
+``--max-length``, with what ``--truncation`` will do to them) and **info** (image modes that are converted
+to RGB: CMYK, alpha, 16-bit, grayscale) are counted but allowed (exit 0).
 
 ``--fix OUT`` writes the records without errors to ``OUT`` (LLaVA JSON) and every rejected record, with
-its reasons, to ``OUT`` with the suffix ``.rejects.jsonl``: nothing is dropped silently.
+its reasons, to ``OUT`` with the suffix ``.rejects.jsonl``: nothing is dropped silently. Neither ``--fix``
+nor ``--json`` may name the data file or one of its images.
 """
 
 from __future__ import annotations
 
-import codecs
 import json
 import math
 import os
 import statistics
-import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from llavatune.config import ConfigError, config, parse_config
-from llavatune.data.images import MAX_PIXELS, to_rgb
-from llavatune.data.records import IMAGE_TOKEN, DataError, Record, parse_record, record_problems, write_records
-from llavatune.utils import UserError, atomic_write_text, image_path_mode, rebase_image_path, resolve_under
-
-ERROR, WARNING, INFO = "error", "warning", "info"
-_SEVERITIES = (ERROR, WARNING, INFO)
-
-# record_problems() message fragment -> problem kind (anything unrecognised is "record-structure").
-_STRUCTURE_KINDS = (
-    ("has no human/gpt turns", "no-turns"),
-    ("must start with a human turn", "not-starting-with-human"),
-    ("must alternate", "not-alternating"),
-    ("empty turn", "empty-turn"),
-    ("no gpt", "no-gpt-turn"),
-    ("placeholder", "placeholder-mismatch"),
-    ("in an answer turn", "image-in-answer"),
+from llavatune.data.images import MAX_PIXELS
+from llavatune.data.records import (
+    ERROR,
+    IMAGE_TOKEN,
+    INFO,
+    SEVERITIES,
+    WARNING,
+    Entry,
+    Problem,
+    Validation,
+    validate_data,
+    write_records,
 )
+from llavatune.utils import UserError, atomic_write_text, check_output_file, image_path_mode, rebase_image_path
 
-_MODE_INFO = {
-    "image-mode-cmyk": "CMYK image (converted to RGB; colours may shift slightly)",
-    "image-mode-alpha": "image with transparency (composited on white)",
-    "image-mode-16bit": "16/32-bit image (rescaled to 8 bits)",
-    "image-mode-grayscale": "grayscale image (converted to RGB)",
-    "image-mode-other": "non-RGB image (converted to RGB)",
-}
-
-_PROGRESS_MIN_IMAGES = 200  # show a progress bar (on a terminal) from this many image files on
-
-
-@dataclass
-class Problem:
-    """One finding. ``str()`` reads ``FILE: record REF: field FIELD: message``."""
-
-    severity: str  # "error" | "warning" | "info"
-    kind: str  # e.g. "image-missing", "not-alternating", "too-long"
-    message: str
-    file: str | None = None  # the data file ("file:line" for .jsonl) or, for image-only findings, the image
-    record: str | None = None  # the record's id as written ('q1'), or #index when it has none
-    index: int | None = None  # the record's position in the file
-    field: str | None = None
-    image: str | None = None  # the image path as written in the data
-
-    def __str__(self) -> str:
-        parts = [self.file or "<data>"]
-        if self.record is not None:
-            parts.append(f"record {self.record}")
-        if self.field:
-            parts.append(f"field '{self.field}'")
-        return ": ".join(parts) + f": {self.message}"
-
-
-@dataclass
-class _Entry:
-    """One record slot of the data file (a JSON object, or a .jsonl line that is not valid JSON)."""
-
-    index: int
-    raw: Any
-    ref: str
-    loc: str
-    line: int | None = None
-    record: Record | None = None
-    images: list[str] = field(default_factory=list)
-    image_field: str = "image"
-    errors: list[Problem] = field(default_factory=list)
+__all__ = ["Problem", "CheckReport", "check_dataset", "write_fixed", "CheckArgs", "main"]
+_SEVERITIES = SEVERITIES
 
 
 @dataclass
@@ -112,7 +67,8 @@ class CheckReport:
     lengths: dict[str, Any] | None = None
     fix: dict[str, Any] | None = None
     problems: list[Problem] = field(default_factory=list)
-    entries: list[_Entry] = field(default_factory=list, repr=False)
+    entries: list[Entry] = field(default_factory=list, repr=False)
+    image_files: list[Path] = field(default_factory=list, repr=False)
 
     @property
     def errors(self) -> list[Problem]:
@@ -233,236 +189,6 @@ def _format_fix(f: dict[str, Any]) -> str:
     return text
 
 
-# ----------------------------------------------------------------------------------------------- reading
-
-
-def _find_surrogate(obj: Any, path: str = "") -> str | None:
-    """The field path of the first string holding an undecodable byte (``surrogateescape``), else None."""
-    if isinstance(obj, str):
-        return path or "<record>" if any("\udc80" <= c <= "\udcff" for c in obj) else None
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            sub = f"{path}.{k}" if path else str(k)
-            if _find_surrogate(k) is not None:
-                return sub
-            hit = _find_surrogate(v, sub)
-            if hit is not None:
-                return hit
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            hit = _find_surrogate(v, f"{path}[{i}]")
-            if hit is not None:
-                return hit
-    return None
-
-
-def _read_entries(p: Path, report: CheckReport) -> list[_Entry] | None:
-    """Read the file leniently: bad bytes and bad .jsonl lines become problems, not exceptions."""
-    raw = p.read_bytes()
-    body = raw[len(codecs.BOM_UTF8) :] if raw.startswith(codecs.BOM_UTF8) else raw
-    bom = len(raw) - len(body)
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        offset = bom + e.start
-        line = raw[:offset].count(b"\n") + 1
-        text = body.decode("utf-8", errors="surrogateescape")
-        n_bad = sum(1 for c in text if "\udc80" <= c <= "\udcff")
-        report.problems.append(
-            Problem(
-                ERROR, "invalid-utf8",
-                f"invalid UTF-8 at byte {offset} (line {line}); {n_bad} bad byte(s) in all; the records holding "
-                "them are rejected; re-save the file as UTF-8",
-                file=str(p),
-            )
-        )  # fmt: skip
-    entries: list[_Entry] = []
-    if p.suffix == ".jsonl":
-        # split on "\n" only: str.splitlines() would also split inside strings holding U+2028 etc.
-        for n, line_text in enumerate(text.split("\n"), 1):
-            if not line_text.strip():
-                continue
-            loc = f"{p}:{n}"
-            try:
-                obj = json.loads(line_text)
-            except json.JSONDecodeError as e:
-                ent = _Entry(index=len(entries), raw=line_text, ref=f"#{len(entries)}", loc=loc, line=n)
-                ent.errors.append(
-                    Problem(ERROR, "invalid-json", f"not valid JSON (column {e.colno}): {e.msg}", file=loc,
-                            record=ent.ref, index=ent.index)
-                )  # fmt: skip
-                entries.append(ent)
-                continue
-            entries.append(_Entry(index=len(entries), raw=obj, ref=_ref(obj, len(entries)), loc=loc, line=n))
-        return entries
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        report.problems.append(
-            Problem(ERROR, "invalid-json", f"not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}", file=str(p))
-        )
-        return None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        report.problems.append(
-            Problem(
-                ERROR, "not-a-list",
-                f"expected a JSON list of records (or a .jsonl file, one record per line), got {type(data).__name__}",
-                file=str(p),
-            )
-        )  # fmt: skip
-        return None
-    return [_Entry(index=i, raw=obj, ref=_ref(obj, i), loc=str(p)) for i, obj in enumerate(data)]
-
-
-def _ref(obj: Any, index: int) -> str:
-    if isinstance(obj, dict) and obj.get("id") is not None:
-        return repr(str(obj["id"]))
-    return f"#{index}"
-
-
-def _raw_images(obj: Any) -> tuple[list[str], str]:
-    """Best-effort image paths of a record that does not parse, so its images are still checked."""
-    if not isinstance(obj, dict):
-        return [], "image"
-    key = "images" if "messages" in obj and "conversations" not in obj else "image"
-    value = obj.get(key)
-    if isinstance(value, str):
-        return [value], key
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, str)], key
-    return [], key
-
-
-def _parse_kind(obj: Any, err: DataError) -> str:
-    if not isinstance(obj, dict):
-        return "not-an-object"
-    if "conversations" not in obj and "messages" not in obj:
-        return "missing-conversations"
-    if "unknown role" in err.message:
-        return "unknown-role"
-    return "malformed-record"
-
-
-def _structure_kind(message: str) -> str:
-    return next((kind for frag, kind in _STRUCTURE_KINDS if frag in message), "record-structure")
-
-
-def _add(ent: _Entry, severity: str, kind: str, message: str, field_name: str | None = None, image=None):
-    ent.errors.append(
-        Problem(severity, kind, message, file=ent.loc, record=ent.ref, index=ent.index, field=field_name, image=image)
-    )
-
-
-# ------------------------------------------------------------------------------------------------ images
-
-
-def _mode_kind(mode: str, alpha: bool) -> str | None:
-    if mode == "CMYK":
-        return "image-mode-cmyk"
-    if alpha:
-        return "image-mode-alpha"
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        return "image-mode-16bit"
-    if mode in ("L", "1"):
-        return "image-mode-grayscale"
-    if mode != "RGB":
-        return "image-mode-other"
-    return None
-
-
-def _inspect_image(path: Path, max_pixels: int) -> tuple[str | None, str, str | None, str | None]:
-    """Open and fully decode one image as training would. Returns ``(error kind, message, mode, mode kind)``.
-
-    Call with ``DecompressionBombWarning`` turned into an error (done once, in the calling thread:
-    ``warnings.catch_warnings`` is not thread-safe).
-    """
-    from PIL import Image
-
-    if not path.is_file():
-        return "image-missing", "image file not found", None, None
-    mode = None
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info)
-            w, h = im.size
-            if w * h > max_pixels:
-                return (
-                    "image-too-large",
-                    f"image is {w}x{h} = {w * h} pixels, over the --max-pixels limit of {max_pixels} "
-                    "(possible decompression bomb)",
-                    mode, None,
-                )  # fmt: skip
-            im.load()
-            to_rgb(im)
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        return "image-too-large", f"refused as a possible decompression bomb ({e})", mode, None
-    except OSError as e:  # PIL.UnidentifiedImageError is an OSError too
-        if "truncat" in str(e).lower():
-            return "image-truncated", f"{e}: the file is cut short; re-download or re-encode it", mode, None
-        return "image-unreadable", f"cannot read image ({e})", mode, None
-    except Exception as e:  # Pillow raises ValueError/SyntaxError/struct.error/... on some corrupt files
-        return "image-unreadable", f"cannot read image ({type(e).__name__}: {e})", mode, None
-    return None, "", mode, _mode_kind(mode, alpha)
-
-
-def _check_images(
-    report: CheckReport, entries: list[_Entry], root: Path, max_pixels: int, workers: int, progress: bool | None
-) -> None:
-    refs: dict[Path, list[tuple[_Entry, str, str]]] = {}
-    for ent in entries:
-        for j, rel in enumerate(ent.images):
-            fld = ent.image_field if len(ent.images) == 1 else f"{ent.image_field}[{j}]"
-            report.n_image_refs += 1
-            try:
-                full = resolve_under(root, rel)
-            except UserError:
-                _add(
-                    ent, ERROR, "image-path-escapes",
-                    f"{rel!r} is outside the image folder {root}; move the image inside it or pass --image-folder",
-                    fld, rel,
-                )  # fmt: skip
-                continue
-            except (ValueError, OSError) as e:
-                _add(ent, ERROR, "image-missing", f"{rel!r}: not a usable path ({e})", fld, rel)
-                continue
-            refs.setdefault(full, []).append((ent, fld, rel))
-    report.n_image_files = len(refs)
-    if not refs:
-        return
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    results: dict[Path, tuple[str | None, str, str | None, str | None]] = {}
-    show = progress if progress is not None else (None if len(refs) >= _PROGRESS_MIN_IMAGES else False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = {pool.submit(_inspect_image, p, max_pixels): p for p in refs}
-            bar = tqdm(as_completed(futures), total=len(futures), desc="checking images", unit="img",
-                       disable=None if show is None else not show)  # fmt: skip
-            for fut in bar:
-                results[futures[fut]] = fut.result()
-    modes: Counter[str] = Counter()
-    for full, uses in refs.items():  # insertion order: deterministic, in record order
-        kind, message, mode, mode_kind = results[full]
-        if mode:
-            modes[mode] += 1
-        if kind:
-            report.n_bad_image_files += 1
-            for ent, fld, rel in uses:
-                _add(ent, ERROR, kind, f"{rel!r} ({full}): {message}", fld, rel)
-        elif mode_kind:
-            report.problems.append(
-                Problem(INFO, mode_kind, f"{_MODE_INFO[mode_kind]}, mode {mode}; used by record {uses[0][0].ref}"
-                        + (f" and {len(uses) - 1} more" if len(uses) > 1 else ""),
-                        file=str(full), image=uses[0][2])
-            )  # fmt: skip
-    report.image_modes = dict(modes)
-
-
 # ---------------------------------------------------------------------------------------------- lengths
 
 
@@ -487,9 +213,46 @@ def _load_processor(model: str):
     return processor, tokenizer
 
 
-def _measure_lengths(report: CheckReport, entries: list[_Entry], model: str, max_length: int, root: Path) -> None:
+def _outcome(encoder, rec, sizes, truncation: str) -> tuple[bool, str]:
+    """``(over, what training does)`` for a sample the estimate puts over --max_length, from the real encoder
+    with the configured truncation when there is one, else from the policy alone."""
+    from llavatune.data.encode import SampleSkipped
+
+    if encoder is None:
+        if truncation == "truncate":
+            return True, "training keeps the whole exchanges that fit (--truncation truncate)"
+        return True, "training drops it (--truncation drop; --truncation truncate keeps the whole turns that fit)"
+    try:
+        f = encoder.fit(rec.conversations, sizes)
+    except SampleSkipped as e:
+        why = {
+            "too-long": "training drops it (--truncation drop; --truncation truncate keeps the whole turns that fit)",
+            "image-tokens-cut": "training drops it: truncating would cut through image tokens",
+            "no-answer-tokens": "training drops it: no answer tokens would be left after truncation",
+        }.get(e.kind, f"training drops it ({e})")
+        return True, why
+    total = len(f.input_ids)
+    n_ex = sum(t.role == "gpt" for t in rec.conversations)
+    kept = sum(t.role == "gpt" for t in f.turns)
+    if f.cut:
+        return True, (f"training cuts its answer short at {total} tokens (--truncation truncate; not even the first "
+                      "exchange fits)")
+    if kept < n_ex:
+        return True, f"training keeps its first {kept} of {n_ex} exchanges, whole ({total} tokens; --truncation truncate)"
+    return False, f"encoded exactly with the template it is {total} tokens and fits: kept as is"
+
+
+def _measure_lengths(report: CheckReport, entries: list[Entry], model: str, max_length: int, root: Path,
+                     truncation: str = "drop", template: str = "auto") -> None:
     # imported here: encode imports torch, which only --model needs (a plain check starts ~1.3 s faster)
-    from llavatune.data.encode import anyres_image_tokens, has_variable_image_tokens, image_size, image_tokens_per_image
+    from llavatune.data.encode import (
+        Encoder,
+        anyres_image_tokens,
+        has_variable_image_tokens,
+        image_size,
+        image_tokens_per_image,
+    )
+    from llavatune.utils import resolve_under
 
     processor, tokenizer = _load_processor(model)
     note = None
@@ -499,7 +262,13 @@ def _measure_lengths(report: CheckReport, entries: list[_Entry], model: str, max
             note = "tokenizer only: image tokens not counted"
     except ValueError as e:
         per_image, note = 0, f"image tokens not counted: {e}"
-    clean = [e for e in entries if e.record is not None and not _has_error(e)]
+    encoder = None
+    if processor is not None:
+        try:
+            encoder = Encoder(processor, template=template, max_length=max_length, truncation=truncation)
+        except (ValueError, TypeError):
+            encoder = None
+    clean = [e for e in entries if e.record is not None and e.ok]
     texts = ["\n".join(t.value.replace(IMAGE_TOKEN, "") for t in e.record.conversations) for e in clean]
     n_text: list[int] = []
     for start in range(0, len(texts), 1000):
@@ -509,24 +278,25 @@ def _measure_lengths(report: CheckReport, entries: list[_Entry], model: str, max
     # LLaVA-NeXT tiles each image by its size: count its real tokens from the image header
     variable = processor is not None and has_variable_image_tokens(processor)
     for ent, nt in zip(clean, n_text):
+        sizes = None
         if variable and ent.record.images:
-            n_img = sum(anyres_image_tokens(processor, [image_size(resolve_under(root, p)) for p in ent.record.images]))
+            sizes = [image_size(resolve_under(root, p)) for p in ent.record.images]
+            n_img = sum(anyres_image_tokens(processor, sizes))
         else:
             n_img = per_image * len(ent.record.images)
         total = nt + n_img
         totals.append(total)
         if total > max_length:
             over += 1
-            _add(
-                ent, WARNING, "too-long",
-                f"about {total} tokens ({nt} text + {n_img} image), over --max-length {max_length}; "
-                "training truncates it (the answer may be cut off)",
-            )  # fmt: skip
+            _, what = _outcome(encoder, ent.record, sizes, truncation)
+            ent.add(WARNING, "too-long",
+                    f"about {total} tokens ({nt} text + {n_img} image), over --max_length {max_length}; {what}")
     stats: dict[str, Any] = {
         "model": model,
         "image_tokens_per_image": per_image,
         "image_tokens_note": note,
         "max_length": max_length,
+        "truncation": truncation,
         "samples": len(totals),
         "over_max_length": over,
         "estimate": True,
@@ -546,83 +316,34 @@ def check_dataset(
     model: str | None = None,
     max_length: int = 2048,
     max_pixels: int = MAX_PIXELS,
-    workers: int = 8,
+    workers: int | None = None,
     progress: bool | None = None,
+    truncation: str = "drop",
+    template: str = "auto",
 ) -> CheckReport:
     """Check every record and image of a LLaVA / messages ``.json`` or ``.jsonl`` file.
 
+    The records and images go through :func:`~llavatune.data.records.validate_data`, the same validation
+    ``train``, ``eval`` and ``predict --input`` use: what is an error here is skipped or refused there.
     ``image_folder`` defaults to the data file's folder. With ``model`` (a local folder holding a processor
-    or tokenizer) the report adds token-length statistics, an estimate (see :func:`image_tokens_per_image`).
-    ``progress``: ``None`` shows a progress bar for large image sets on a terminal.
-    Raises :class:`~llavatune.utils.UserError` only when the check cannot run at all (file or folder missing).
+    or tokenizer) the report adds token-length statistics, an estimate (see :func:`image_tokens_per_image`), and
+    says what the configured ``truncation`` does to each over-long sample. ``progress``: ``None`` shows a progress
+    bar for large image sets on a terminal. Raises :class:`~llavatune.utils.UserError` only when the check cannot
+    run at all (file or folder missing).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(p, None, None, "file not found")
-    root = Path(image_folder) if image_folder is not None else p.parent
-    if not root.is_dir():
-        raise UserError(f"--image-folder {root} is not a folder")
-    root = root.resolve()
-    report = CheckReport(data=str(p), image_folder=str(root))
-    entries = _read_entries(p, report)
-    if entries is None:
-        report.readable = False
-        return report
-    report.entries = entries
-    report.n_records = len(entries)
-    if not entries:
-        report.problems.append(Problem(WARNING, "no-records", "the file holds no records", file=str(p)))
-
-    first_by_id: dict[str, _Entry] = {}
-    for ent in entries:
-        if ent.errors:  # invalid JSON line: nothing more to check
-            continue
-        obj = ent.raw
-        bad_field = _find_surrogate(obj)
-        if bad_field is not None:
-            _add(ent, ERROR, "invalid-utf8", "holds invalid UTF-8 bytes", bad_field)
-        try:
-            rec = parse_record(obj, p, ent.index)
-        except DataError as err:
-            _add(ent, ERROR, _parse_kind(obj, err), err.message, err.field)
-            ent.images, ent.image_field = _raw_images(obj)
-        else:
-            ent.record = rec
-            ent.images = list(rec.images)
-            ent.image_field = "images" if isinstance(obj, dict) and "messages" in obj else "image"
-            for fld, message in record_problems(rec):
-                _add(ent, ERROR, _structure_kind(message), message, fld)
-        rid = str(obj["id"]) if isinstance(obj, dict) and obj.get("id") is not None else None
-        if rid is None and ent.record is not None:
-            rid = ent.record.id
-        if rid is not None:
-            first = first_by_id.setdefault(rid, ent)
-            if first is not ent:
-                _add(
-                    ent, ERROR, "duplicate-id",
-                    f"id {rid!r} is also used by record #{first.index}{_line(first)}; ids must be unique "
-                    "(evaluation matches answers by id)",
-                    "id",
-                )  # fmt: skip
-
-    _check_images(report, entries, root, max_pixels, workers, progress)
-    if model:
-        _measure_lengths(report, entries, model, max_length, root)
-
-    for ent in entries:
-        report.problems.extend(ent.errors)
-    report.n_clean = sum(1 for e in entries if not _has_error(e))
-    order = {ERROR: 0, WARNING: 1, INFO: 2}
-    report.problems.sort(key=lambda q: (order[q.severity], -1 if q.index is None else q.index))
+    v: Validation = validate_data(path, image_folder, purpose="train", max_pixels=max_pixels, workers=workers,
+                                  progress=progress, workers_flag="--workers")
+    report = CheckReport(data=str(v.data), image_folder=str(v.image_folder), readable=v.readable)
+    report.entries = v.entries
+    report.n_records = len(v.entries)
+    report.n_image_refs, report.n_image_files = v.n_image_refs, v.n_image_files
+    report.n_bad_image_files, report.image_modes = v.n_bad_image_files, v.image_modes
+    report.image_files = list(v.image_files)
+    if v.readable and model:
+        _measure_lengths(report, v.entries, model, max_length, v.image_folder, truncation, template)
+    report.problems = v.all_problems()
+    report.n_clean = sum(1 for e in v.entries if e.ok)
     return report
-
-
-def _line(ent: _Entry) -> str:
-    return f" (line {ent.line})" if ent.line else ""
-
-
-def _has_error(ent: _Entry) -> bool:
-    return any(p.severity == ERROR for p in ent.errors)
 
 
 # --------------------------------------------------------------------------------------------------- fix
@@ -632,9 +353,10 @@ def _fix_paths(out: str | os.PathLike, data: str | os.PathLike) -> tuple[Path, P
     out_p = Path(out)
     if out_p.suffix == ".jsonl":
         raise UserError(f"--fix {out}: the cleaned copy is a LLaVA JSON list; give a path ending in .json")
-    if out_p.resolve() == Path(data).resolve():
-        raise UserError(f"--fix {out}: that is the input file; choose another path for the cleaned copy")
-    return out_p, out_p.with_suffix(".rejects.jsonl")
+    rejects = out_p.with_suffix(".rejects.jsonl")
+    check_output_file(out_p, {"--data": data}, "--fix")
+    check_output_file(rejects, {"--data": data}, f"--fix {out} (its rejects file)")
+    return out_p, rejects
 
 
 def _dump_json(obj: Any, indent: int | None = 2) -> str:
@@ -665,7 +387,7 @@ def write_fixed(report: CheckReport, out: str | os.PathLike) -> dict[str, Any]:
     out_dir = out_p.parent.resolve()
     note = None
     mode = image_path_mode(out_dir, root)
-    if mode == "keep" and any(e.images for e in report.entries if not _has_error(e)):
+    if mode == "keep" and any(e.images for e in report.entries if e.ok):
         note = (
             f"image paths in {out_p} are relative to {root} (not to {out_p.parent}): train with "
             f"--image-folder {root}, or put the cleaned file in that folder"
@@ -676,23 +398,8 @@ def write_fixed(report: CheckReport, out: str | os.PathLike) -> dict[str, Any]:
 
     clean, rejects = [], []
     for ent in report.entries:
-        if _has_error(ent):
-            row: dict[str, Any] = {"index": ent.index}
-            if ent.line:
-                row["line"] = ent.line
-            if isinstance(ent.raw, dict) and ent.raw.get("id") is not None:
-                row["id"] = ent.raw["id"]
-            row["reasons"] = [
-                {
-                    k: v
-                    for k, v in (("kind", q.kind), ("field", q.field), ("message", q.message), ("image", q.image))
-                    if v
-                }
-                for q in ent.errors
-                if q.severity == ERROR
-            ]
-            row["record"] = ent.raw
-            rejects.append(row)
+        if not ent.ok:
+            rejects.append(ent.reject_row())
         else:
             assert ent.record is not None
             clean.append(replace(ent.record, images=[rewrite(x) for x in ent.record.images]))
@@ -727,9 +434,16 @@ class CheckArgs:
     """folder that image paths are relative to (default: the data file's folder)"""
     model: str | None = None
     """local model folder with a processor or tokenizer: adds token-length statistics (an estimate: text tokens
-    plus image tokens per image) and counts samples over --max-length"""
+    plus image tokens per image), counts samples over --max-length and says what --truncation does to each"""
     max_length: int = 2048
     """maximum sequence length in tokens; longer samples are reported as warnings (needs --model)"""
+    truncation: str = "drop"
+    """what training will do with over-long samples, as train's --truncation: 'drop' them or 'truncate' them to
+    the whole exchanges that fit (needs --model)"""
+    template: str = "auto"
+    """prompt template training will use, as train's --template (needs --model): auto (the one recorded in a
+    llavatune checkpoint, else the model's chat template, else vicuna_v1) or a named template (vicuna_v1, llava_v1,
+    llava_llama_2, mistral_instruct, chatml_direct, plain, ...)"""
     max_pixels: int = MAX_PIXELS
     """images with more pixels than this are errors (decompression-bomb guard)"""
     fix: str | None = None
@@ -739,15 +453,12 @@ class CheckArgs:
     """also write the full machine-readable report (every problem) to this JSON file"""
     examples: int = 5
     """examples shown per problem kind"""
-    workers: int = 8
-    """threads used to open images"""
+    workers: int | None = None
+    """processes that verify images in parallel (default: one per available CPU core)"""
     show: int = 0
     """print the first N records without errors as the model sees them (needs --model): the exact text given to the
     tokenizer (no BOS, <image> unexpanded) with the supervised spans marked, and token counts; with --json the report
     gains "shown" (see llavatune.data.show)"""
-    template: str = "auto"
-    """prompt template for --show: auto (the one recorded in a llavatune checkpoint, else the model's chat template,
-    else vicuna_v1) or a named template (vicuna_v1, llava_v1, llava_llama_2, mistral_instruct, chatml_direct, plain, ...)"""
 
     def __post_init__(self):
         from llavatune.data.templates import TEMPLATE_NAMES
@@ -757,11 +468,15 @@ class CheckArgs:
                               "decide what the model sees)")
         if self.template not in TEMPLATE_NAMES:
             raise ConfigError(f"--template: {self.template!r} is not one of {', '.join(TEMPLATE_NAMES)}")
-        for name in ("max_length", "max_pixels", "workers"):
+        for name in ("max_length", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}: must be at least 1, got {getattr(self, name)}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers: must be at least 1, got {self.workers}")
         if self.examples < 0:
             raise ConfigError(f"--examples: must be 0 or more, got {self.examples}")
+        if self.truncation not in ("drop", "truncate"):
+            raise ConfigError(f"--truncation: choose drop or truncate, got {self.truncation!r}")
 
 
 def _positional_data(argv: Sequence[str]) -> list[str]:
@@ -787,6 +502,22 @@ def _positional_data(argv: Sequence[str]) -> list[str]:
     return out + (["--data", data[0]] if data else [])
 
 
+def _check_outputs(args: CheckArgs, images: Sequence[Path] = ()) -> None:
+    """--json / --fix may not land on the data file, on an image, or on each other."""
+    inputs: dict[str, Any] = {"--data": args.data}
+    if images:
+        inputs["an image of the dataset"] = list(images)
+    if args.json:
+        check_output_file(args.json, inputs, "--json")
+    if args.fix:
+        fix, rejects = _fix_paths(args.fix, args.data)
+        check_output_file(fix, inputs, "--fix")
+        check_output_file(rejects, inputs, f"--fix {args.fix} (its rejects file)")
+        if args.json and Path(os.path.realpath(args.json)) in (Path(os.path.realpath(fix)),
+                                                               Path(os.path.realpath(rejects))):
+            raise UserError(f"--json {args.json}: the same file as --fix writes; choose another path")
+
+
 def main(argv: Sequence[str], prog: str = "llavatune check") -> int:
     (args,) = parse_config(
         [CheckArgs],
@@ -797,8 +528,7 @@ def main(argv: Sequence[str], prog: str = "llavatune check") -> int:
     )
     if not args.data:
         raise ConfigError(f"give the dataset to check: {prog} DATA")
-    if args.fix:
-        _fix_paths(args.fix, args.data)  # refuse a bad --fix path before the (long) check
+    _check_outputs(args)  # refuse a bad --fix / --json path before the (long) check
     report = check_dataset(
         args.data,
         image_folder=args.image_folder,
@@ -806,7 +536,10 @@ def main(argv: Sequence[str], prog: str = "llavatune check") -> int:
         max_length=args.max_length,
         max_pixels=args.max_pixels,
         workers=args.workers,
+        truncation=args.truncation,
+        template=args.template,
     )
+    _check_outputs(args, report.image_files)
     if args.fix:
         write_fixed(report, args.fix)
     shown = None

@@ -3,9 +3,12 @@
 Labels are built from template segments (``llavatune.data.templates``): answer tokens keep their ids,
 everything else (system prompt, questions, image tokens, padding) is -100. Each ``<image>`` expands to
 exactly the number of feature vectors the vision tower + projector produce, so the model's
-"image features and image tokens do not match" check (transformers #36002) cannot fire, and
-truncation never cuts through an image's tokens: such a sample is dropped and counted, or (with
-``truncation: truncate``) its text tail is cut *after* the last image.
+"image features and image tokens do not match" check (transformers #36002) cannot fire.
+
+Over-long samples (``max_length``): ``truncation: drop`` (the default) skips them, counted and reported;
+``truncation: truncate`` keeps the longest prefix of *whole* exchanges (question + answer) that fits, with the
+images of those turns; only when not even the first exchange fits is its answer cut short, and never through
+image tokens (such a sample is skipped). The masking self-check compares against exactly what was kept.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 import torch
 
 from llavatune.data.images import ImageError, open_image
-from llavatune.data.records import IMAGE_TOKEN, Record, Turn
+from llavatune.data.records import IMAGE_TOKEN, Record, Turn, record_problems
 from llavatune.data.templates import get_segmenter
 from llavatune.utils import UserError, resolve_under
 
@@ -108,7 +111,26 @@ def image_size(path) -> tuple[int, int]:
 
 
 class SampleSkipped(Exception):
-    """A sample that cannot be used as is; ``reason`` is counted and reported."""
+    """A sample that cannot be used as is; counted and reported under its ``kind``."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Fitted:
+    """What :meth:`Encoder.fit` keeps of a conversation: the turns (whole exchanges), their token ids and labels,
+    and whether the last kept answer had to be cut short (only when not even the first exchange fits)."""
+
+    turns: list[Turn]
+    input_ids: list[int]
+    labels: list[int]
+    cut: bool = False
+
+    @property
+    def n_images(self) -> int:
+        return sum(t.value.count(IMAGE_TOKEN) for t in self.turns)
 
 
 @dataclass
@@ -190,28 +212,57 @@ class Encoder:
         n = sum(t.value.count(IMAGE_TOKEN) for t in turns)
         return self.image_token_counts(image_sizes, n) if n else []
 
-    def encode(self, turns: list[Turn], image_sizes: list[tuple[int, int]] | None = None) -> tuple[list[int], list[int]]:
+    def _encode_all(self, turns: list[Turn], image_sizes) -> tuple[list[int], list[int]]:
         ids, labels = list(self.bos), [IGNORE_INDEX] * len(self.bos)
         counts = self._counts(turns, image_sizes)
         seg, mask = self.tokenize_segments(self.segmenter(turns, self.eos, False), counts)
         ids += seg
         labels += [x if m else IGNORE_INDEX for x, m in zip(seg, mask)]
-        if len(ids) > self.max_length:
-            ids, labels = self._truncate(ids, labels)
-        if all(x == IGNORE_INDEX for x in labels):
-            raise SampleSkipped("no answer tokens to learn from")
         return ids, labels
 
-    def _truncate(self, ids, labels):
+    def fit(self, turns: list[Turn], image_sizes: list[tuple[int, int]] | None = None) -> Fitted:
+        """Encode ``turns`` within ``max_length`` under the truncation policy; raises :class:`SampleSkipped`."""
+        ids, labels = self._encode_all(turns, image_sizes)
+        fitted = Fitted(list(turns), ids, labels)
+        if len(ids) > self.max_length:
+            fitted = self._truncate(turns, image_sizes, len(ids))
+        if all(x == IGNORE_INDEX for x in fitted.labels):
+            raise SampleSkipped("no-answer-tokens", "no answer tokens to learn from")
+        return fitted
+
+    def encode(self, turns: list[Turn], image_sizes: list[tuple[int, int]] | None = None) -> tuple[list[int], list[int]]:
+        """Token ids and labels of ``turns`` (see :meth:`fit` for what an over-long sample keeps)."""
+        f = self.fit(turns, image_sizes)
+        return f.input_ids, f.labels
+
+    def _truncate(self, turns: list[Turn], image_sizes, n: int) -> Fitted:
         if self.truncation != "truncate":
-            raise SampleSkipped(f"longer than max_length={self.max_length} ({len(ids)} tokens)")
+            raise SampleSkipped("too-long", f"longer than max_length={self.max_length} ({n} tokens; --truncation drop)")
+        ends = [i + 1 for i, t in enumerate(turns) if t.role == "gpt"]  # prefixes that end after an answer
+
+        def sizes_for(sub: list[Turn]):
+            k = sum(t.value.count(IMAGE_TOKEN) for t in sub)
+            return image_sizes[:k] if image_sizes is not None else None
+
+        for end in reversed(ends[:-1] if ends and ends[-1] == len(turns) else ends):
+            sub = list(turns[:end])
+            ids, labels = self._encode_all(sub, sizes_for(sub))
+            if len(ids) <= self.max_length:
+                return Fitted(sub, ids, labels)
+        # not even the first exchange fits: cut its answer short, never through image tokens
+        sub = list(turns[: ends[0]]) if ends else list(turns)
+        ids, labels = self._encode_all(sub, sizes_for(sub))
         cut = self.max_length
         if self.image_token_id in ids[cut:]:
-            raise SampleSkipped(f"max_length={self.max_length} would cut through image tokens ({len(ids)} tokens)")
+            raise SampleSkipped(
+                "image-tokens-cut", f"max_length={self.max_length} would cut through image tokens ({n} tokens)"
+            )
         ids, labels = ids[:cut], labels[:cut]
         if all(x == IGNORE_INDEX for x in labels):
-            raise SampleSkipped(f"no answer tokens left after truncation to max_length={self.max_length}")
-        return ids, labels
+            raise SampleSkipped(
+                "no-answer-tokens", f"no answer tokens left after truncation to max_length={self.max_length}"
+            )
+        return Fitted(sub, ids, labels, cut=True)
 
     def supervised_text(self, turns: list[Turn]) -> str:
         return "".join(t for t, s in self.segmenter(turns, self.eos, False) if s)
@@ -232,14 +283,15 @@ class Encoder:
         return item
 
 
-def check_masking(encoder: Encoder, turns: list[Turn], labels: list[int]) -> str | None:
-    """Return a problem description if the supervised tokens do not decode back to the answers."""
+def check_masking(encoder: Encoder, turns: list[Turn], labels: list[int], cut: bool = False) -> str | None:
+    """Return a problem description if the supervised tokens do not decode back to the answers of ``turns``
+    (the turns :meth:`Encoder.fit` kept; with ``cut``, the last answer was cut short: a prefix must match)."""
     kept = [x for x in labels if x != IGNORE_INDEX]
     if not kept:
         return "supervised span is empty"
-    got = encoder.tokenizer.decode(kept, skip_special_tokens=False)
-    want = encoder.supervised_text(turns)
-    if "".join(got.split()) != "".join(want.split()):
+    got = "".join(encoder.tokenizer.decode(kept, skip_special_tokens=False).split())
+    want = "".join(encoder.supervised_text(turns).split())
+    if got != want and not (cut and want.startswith(got)):
         return f"supervised tokens decode to {got[:60]!r}, expected {want[:60]!r}"
     return None
 
@@ -256,46 +308,62 @@ class EncodedSample:
 class LlavaDataset(torch.utils.data.Dataset):
     """Tokenized records whose images load lazily (in dataloader workers) in ``__getitem__``.
 
-    ``skipped`` maps reason -> list of record refs; nothing is dropped without being counted there.
+    Records are validated with the same :func:`~llavatune.data.records.record_problems` as ``check`` (``train``
+    has already skipped or refused bad records before this; ``prior_skipped`` counts them for the report).
+    ``skipped`` maps problem kind -> record refs; nothing is dropped without being counted there.
     """
 
     records: list[Record]
     encoder: Encoder
     image_roots: list[Path]  # one per record: the folder its relative image paths resolve against
     name: str = "train"
+    prior_skipped: int = 0
     samples: list[EncodedSample] = field(default_factory=list, init=False)
     skipped: dict[str, list[str]] = field(default_factory=dict, init=False)
     masking_problems: list[tuple[str, str]] = field(default_factory=list, init=False)
+    n_truncated: int = field(default=0, init=False)
 
     def __post_init__(self):
         for i, (rec, root) in enumerate(zip(self.records, self.image_roots)):
+            problems = record_problems(rec, "train")
+            if problems:
+                self.skipped.setdefault(problems[0].kind, []).append(f"{rec.ref}: {problems[0].message}")
+                continue
             try:
                 paths = [resolve_under(root, p) for p in rec.images]
-                if rec.n_placeholders != len(rec.images):
-                    raise SampleSkipped(
-                        f"{rec.n_placeholders} <image> placeholder(s) for {len(rec.images)} image(s)"
-                    )
+            except UserError as e:
+                self.skipped.setdefault("image-path-escapes", []).append(f"{rec.ref}: {e}")
+                continue
+            try:
                 sizes = [image_size(p) for p in paths] if self.encoder.variable_image_tokens and paths else None
-                ids, labels = self.encoder.encode(rec.conversations, sizes)
+                fitted = self.encoder.fit(rec.conversations, sizes)
             except SampleSkipped as e:
-                self.skipped.setdefault(str(e).split(" (")[0], []).append(rec.ref)
+                self.skipped.setdefault(e.kind, []).append(rec.ref)
                 continue
             except UserError as e:
-                self.skipped.setdefault("bad image", []).append(f"{rec.ref}: {e}")
+                self.skipped.setdefault("bad-image", []).append(f"{rec.ref}: {e}")
                 continue
-            problem = check_masking(self.encoder, rec.conversations, labels)
+            if len(fitted.turns) < len(rec.conversations) or fitted.cut:
+                self.n_truncated += 1
+            problem = check_masking(self.encoder, fitted.turns, fitted.labels, fitted.cut)
             if problem:
                 self.masking_problems.append((rec.ref, problem))
-            self.samples.append(EncodedSample(i, ids, labels, paths))
+            self.samples.append(EncodedSample(i, fitted.input_ids, fitted.labels, paths[: fitted.n_images]))
 
     @property
     def n_skipped(self) -> int:
         return sum(map(len, self.skipped.values()))
 
     def report(self) -> str:
-        lines = [f"{self.name}: {len(self.samples)} samples used, {self.n_skipped} skipped"]
+        total = self.n_skipped + self.prior_skipped
+        head = f"{self.name}: {len(self.samples)} samples used, {total} skipped"
+        if self.prior_skipped:
+            head += f" ({self.prior_skipped} with data problems, listed above; {self.n_skipped} while encoding)"
+        lines = [head]
         for reason, refs in self.skipped.items():
             lines.append(f"  skipped ({reason}): {len(refs)}, e.g. {', '.join(refs[:3])}")
+        if self.n_truncated:
+            lines.append(f"  truncated to max_length={self.encoder.max_length} (whole turns kept): {self.n_truncated}")
         if self.masking_problems:
             ref, why = self.masking_problems[0]
             lines.append(f"  masking self-check failed on {len(self.masking_problems)} samples, e.g. {ref}: {why}")
@@ -317,9 +385,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         if s.image_paths:
             try:
                 images = [open_image(p) for p in s.image_paths]
-            except ImageError as e:
+            except ImageError as e:  # verified before step 1, so the file changed since: say so, on one line
                 rec = self.records[s.index]
-                raise UserError(f"{self.name} record {rec.ref}: {e}; run 'llavatune check' on the data") from None
+                raise UserError(f"{self.name} record {rec.ref}: {e} (the file changed after it was verified at the "
+                                "start of the run); run 'llavatune check' on the data") from None
             item.update(self.encoder.pixel_inputs(images))
         return item
 

@@ -933,7 +933,8 @@ def run_prepare(source: str, opts: Any, out_opts: OutputOptions) -> dict[str, An
     try:
         out = Path(out_opts.out)
         _check_out_vs_inputs(out, opened.inputs)
-        out = prepare_output_dir(out, overwrite=out_opts.overwrite)
+        out = prepare_output_dir(out, overwrite=out_opts.overwrite, kind="prepare", flag="--out",
+                                 inputs={f"--{k.replace('_', '-')}": v for k, v in opened.inputs.items()})
         stage = out / ".staging"
         items: list[Item] = []
         rejects: list[Reject] = []

@@ -145,7 +145,7 @@ def show_for_check(report, model: str, template: str = "auto", n: int = 3, max_l
     """The first ``n`` records of a ``check`` report that have no errors, rendered with ``model``'s processor and
     ``template`` (``auto``: the template recorded in a llavatune checkpoint, else the model's chat template), with
     the image placeholder placed as training places it. Nothing in ``report`` is changed."""
-    from llavatune.data.check import _has_error, _load_processor
+    from llavatune.data.check import _load_processor
     from llavatune.data.encode import Encoder, SampleSkipped, image_size
     from llavatune.model.loader import read_meta
 
@@ -164,7 +164,7 @@ def show_for_check(report, model: str, template: str = "auto", n: int = 3, max_l
     for ent in report.entries:
         if len(samples) >= n:
             break
-        if ent.record is None or _has_error(ent):
+        if ent.record is None or not ent.ok:
             passed += 1
             continue
         rec = normalize_image_placement(copy.deepcopy(ent.record))

@@ -63,6 +63,7 @@ from llavatune.utils import (
     UserError,
     atomic_write_json,
     atomic_write_text,
+    check_output_file,
     image_path_mode,
     logger,
     rebase_image_path,
@@ -1146,8 +1147,9 @@ def run_synth(args: SynthArgs) -> SynthReport:
     url, api_key = _resolve_endpoint(args)
     prompts = load_prompts(args.kind, args.system_prompt, args.examples)
     out = Path(args.out) if args.out else None
-    if out is not None and out.resolve() == Path(args.input).resolve():  # type: ignore[arg-type]
-        raise UserError(f"--out {out} is the input file; choose another path")
+    if out is not None:  # neither the output nor its rejects file may be the input (or a link to it)
+        check_output_file(out, {"--input": args.input}, "--out")
+        check_output_file(out.with_suffix(".rejects.jsonl"), {"--input": args.input}, f"--out {out} (its rejects file)")
     items, pre_rejects = load_items(args)
     if not items:
         reasons = Counter(r.reason for r in pre_rejects)
@@ -1215,7 +1217,7 @@ def run_synth(args: SynthArgs) -> SynthReport:
             )
             problems = record_problems(rec)
             if problems:  # defensive: never write a record `train` would refuse
-                msg = "; ".join(f"{f}: {m}" for f, m in problems)
+                msg = "; ".join(f"{q.field}: {q.message}" for q in problems)
                 rejects.append(
                     Reject("invalid-record", msg, image=it.key, id=it.id, where=it.where, reply=entry.get("reply"))
                 )

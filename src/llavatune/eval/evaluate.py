@@ -4,7 +4,10 @@
     torchrun --nproc_per_node 8 -m llavatune.cli eval --model ... --data ... --out ...   # sharded, gathered
 
 Any checkpoint works: a final or intermediate adapter checkpoint, a merged model, a llava-hf model.
-A record is scored with VQA accuracy against its ``answers`` (as ``prepare okvqa`` keeps them) when it
+The data goes through the same validation as ``llavatune check`` (and ``train``) before the model loads: every
+image is verified, records with problems are skipped and listed (in the log, in ``metrics.json`` and in
+``OUT/skipped_records.jsonl``) up to ``--max_bad_records``, and a file past that, or one that is itself wrong, is
+refused. A record is scored with VQA accuracy against its ``answers`` (as ``prepare okvqa`` keeps them) when it
 has them, else by exact match against its last gpt turn. Writes ``predictions.jsonl`` and
 ``metrics.json`` (``vqa_accuracy`` in percent, 0-100, like the official evaluator). The same code runs
 between epochs during ``train`` (``LlavaTrainer.evaluation_loop``).
@@ -17,13 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from llavatune.config import config, parse_config
+from llavatune.config import ConfigError, config, parse_config
 from llavatune.data.encode import Encoder
-from llavatune.data.records import Record, image_root, load_records, normalize_image_placement
+from llavatune.data.records import MAX_BAD_RECORDS, Record, image_root, normalize_image_placement, validate_data
 from llavatune.eval.score import aggregate
 from llavatune.eval.vqa_metric import exact_match, token_f1, vqa_score
 from llavatune.infer.generate import Query, generate, parse_stop, split_for_eval
-from llavatune.utils import UserError, atomic_write_json, atomic_write_jsonl, finish_distributed, resolve_under
+from llavatune.utils import (
+    UserError,
+    atomic_write_json,
+    atomic_write_jsonl,
+    check_output_file,
+    finish_distributed,
+    resolve_under,
+)
 
 logger = logging.getLogger("llavatune")
 
@@ -138,6 +148,30 @@ class EvalConfig:
     """Weights dtype: auto, bfloat16, float16 or float32."""
     overwrite: bool = False
     """Replace existing predictions/metrics in --out."""
+    max_bad_records: float = MAX_BAD_RECORDS
+    """Records with problems (what 'llavatune check' calls errors) are skipped and listed, up to this fraction of the
+    file; past it the file is refused before the model loads."""
+    image_workers: Optional[int] = None
+    """Processes that verify the images before evaluation (default: one per available CPU core); with --out, the
+    verdicts are remembered in OUT/image_checks.json."""
+
+    def __post_init__(self):
+        if not 0 <= self.max_bad_records <= 1:
+            raise ConfigError(f"--max_bad_records: a fraction in [0, 1], got {self.max_bad_records}")
+
+
+def load_eval_records(data: str, image_folder: str | None, max_bad_records: float = MAX_BAD_RECORDS,
+                      out: str | None = None, workers: int | None = None):
+    """The usable records of an evaluation file, validated as ``check`` does (images verified), and the validation.
+    Refuses the file past ``max_bad_records``."""
+    from llavatune.data.images import VerdictCache
+
+    cache = VerdictCache(Path(out) / "image_checks.json") if out else None
+    v = validate_data(data, image_folder, purpose="eval", cache=cache, workers=workers)
+    records = [normalize_image_placement(r) for r in v.accept(max_bad_records)]
+    for line in v.skip_report("eval data"):
+        logger.warning(line)
+    return records, v, cache
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -147,9 +181,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     if not cfg.model or not cfg.data:
         raise UserError("--model and --data are required")
-    if cfg.out and (Path(cfg.out) / "metrics.json").exists() and not cfg.overwrite:
-        raise UserError(f"{cfg.out}/metrics.json exists; pass --overwrite to replace it")
-    records = [normalize_image_placement(r) for r in load_records(cfg.data)]
+    if cfg.out:
+        out = Path(cfg.out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {cfg.out}: exists and is a file; give a folder for predictions.jsonl and metrics.json")
+        for name in ("predictions.jsonl", "metrics.json", "skipped_records.jsonl", "image_checks.json"):
+            check_output_file(out / name, {"--data": cfg.data}, "--out")
+        if (out / "metrics.json").exists() and not cfg.overwrite:
+            raise UserError(f"{cfg.out}/metrics.json exists; pass --overwrite to replace it")
+    records, validation, cache = load_eval_records(cfg.data, cfg.image_folder, cfg.max_bad_records, cfg.out,
+                                                   cfg.image_workers)
     if cfg.max_samples:
         records = records[: cfg.max_samples]
     root = image_root(cfg.data, cfg.image_folder)
@@ -163,17 +204,24 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
               disable=rank != 0) as bar:
         preds = sharded_generate(model, encoder, eset.queries, cfg.batch_size, cfg.max_new_tokens, stop, progress=bar)
     rows, metrics = score_predictions(eset, preds, cfg.stem)
-    metrics = {"model": str(cfg.model), "data": str(cfg.data), **metrics}
+    skipped = [e.reject_row() for e in validation.bad]
+    metrics = {"model": str(cfg.model), "data": str(cfg.data), **metrics, "skipped": len(skipped)}
+    if skipped:
+        metrics["skipped_records"] = [{k: r[k] for k in ("index", "id", "line", "reasons") if k in r} for r in skipped]
     if cfg.out and rank == 0:
         out = Path(cfg.out)
         atomic_write_jsonl(out / "predictions.jsonl", rows)
         atomic_write_json(out / "metrics.json", metrics)
+        if skipped or (out / "skipped_records.jsonl").exists():
+            atomic_write_jsonl(out / "skipped_records.jsonl", skipped)
+        cache.save()
     return metrics
 
 
 def format_metrics(m: dict[str, Any]) -> str:
     parts = [f"{k} {m[k]:.2f}" for k in ("vqa_accuracy", "exact_match", "token_f1") if k in m]
-    return f"{m['n']} samples: " + ", ".join(parts)
+    skipped = f" ({m['skipped']} record(s) with problems skipped, listed in the log)" if m.get("skipped") else ""
+    return f"{m['n']} samples{skipped}: " + ", ".join(parts)
 
 
 def main(argv: list[str], prog: str) -> int:

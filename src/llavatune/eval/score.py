@@ -24,7 +24,7 @@ from typing import Any, Hashable, Iterator, Mapping, Optional
 
 from llavatune.config import ConfigError, config, parse_config
 from llavatune.data.records import DataError, parse_jsonl
-from llavatune.utils import UserError, atomic_write_json
+from llavatune.utils import UserError, atomic_write_json, check_output_file
 
 from .vqa_metric import vqa_score
 
@@ -369,6 +369,9 @@ def main(argv: list[str], prog: str) -> int:
         prog=prog,
         description="Score predictions with the official VQA accuracy (VQAv2 / OK-VQA annotation format).",
     )
+    if cfg.out:  # the scores never land on the files they are computed from
+        check_output_file(cfg.out, {"--questions": cfg.questions, "--annotations": cfg.annotations,
+                                    "--predictions": cfg.predictions}, "--out")
     result = score_predictions(
         cfg.questions, cfg.annotations, cfg.predictions, allow_partial=cfg.allow_partial, stem=cfg.stem
     )

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from llavatune.config import config, parse_config
-from llavatune.utils import UserError, atomic_write_json
+from llavatune.utils import UserError, atomic_write_json, check_output_dir, write_output_marker
 
 logger = logging.getLogger("llavatune")
 QUANTIZED_LAYERS = ("Linear4bit", "Linear8bitLt", "Params4bit", "Int8Params")
@@ -44,6 +44,8 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool, source: str | os.Path
             raise UserError(f"--out: {out} exists and is not a folder")
         if any(out.iterdir()) and not overwrite:
             raise UserError(f"--out: {out} exists; pass --overwrite to replace it")
+        # --overwrite replaces only an earlier merge/convert output, never a folder of other files
+        check_output_dir(out, overwrite=overwrite, kind="merge", inputs={"--model": source}, flag="--out")
     return out
 
 
@@ -79,6 +81,7 @@ def save_model(out: str | os.PathLike, model, processor, meta: dict) -> Path:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         atomic_write_json(tmp / META_FILE, meta)
+        write_output_marker(tmp, "merge")
 
     return write_atomically(out, write)
 

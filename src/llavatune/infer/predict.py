@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 from llavatune.config import config, parse_config
 from llavatune.data.images import ImageError, open_image
-from llavatune.data.records import IMAGE_TOKEN, Turn, image_root, iter_jsonl_lines
-from llavatune.utils import UserError, atomic_write_jsonl, resolve_under
+from llavatune.data.records import IMAGE_TOKEN, MAX_BAD_RECORDS, Turn, image_root, validate_data
+from llavatune.utils import UserError, atomic_write_jsonl, check_output_file, resolve_under
 
 logger = logging.getLogger("llavatune")
 
@@ -114,43 +114,34 @@ def check_image(path: str | Path, what: str = "--image") -> Path:
     return Path(path)
 
 
-def read_batch(path: str | Path, image_folder: str | Path | None = None) -> tuple[list[dict], list]:
-    """Rows of a ``{image, question}`` JSONL file and their queries; errors name the line."""
+def read_batch(path: str | Path, image_folder: str | Path | None = None,
+               max_bad_records: float = MAX_BAD_RECORDS) -> tuple[list[dict], list, list[dict]]:
+    """Rows of a ``{image, question}`` JSONL file, the queries of the usable ones, and the skipped rows.
+
+    The rows go through the same validation as ``llavatune check`` / ``train`` (``purpose="predict"``): every image
+    verified before the model loads, a row with problems skipped (it comes back with ``"answer": null`` and its
+    ``"error"``, in input order) up to ``max_bad_records``, the file refused past that. Errors name ``file:line``.
+    """
     from llavatune.infer.generate import Query
 
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--input: {p} does not exist")
+    v = validate_data(p, image_folder, purpose="predict")
+    usable = {id(r) for r in v.accept(max_bad_records)}
+    for line in v.skip_report("predict --input"):
+        logger.warning(line)
     root = image_root(p, image_folder)
-    rows, queries = [], []
-    # lazily: a bad line is reported only once every line before it has been checked
-    for n, row in iter_jsonl_lines(p):
-        where = f"{p} line {n}"
-        if not isinstance(row, dict):
-            raise UserError(f"{where}: expected an object like {{\"image\": \"a.jpg\", \"question\": \"...\"}}")
-        question = row.get("question")
-        if not isinstance(question, str) or not question.strip():
-            raise UserError(f"{where}: field 'question' is missing or empty")
-        images = row.get("image")
-        images = [] if images in (None, "") else [images] if isinstance(images, str) else images
-        if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
-            raise UserError(f"{where}: field 'image' must be a path or a list of paths")
-        paths = []
-        for img in images:
-            try:
-                full = resolve_under(root, img)
-            except UserError as e:
-                raise UserError(f"{where}: {e}; pass --image_folder to set the folder image paths are relative to") from None
-            paths.append(check_image(full, where))
-        try:
-            turns = question_turns(question, len(paths))
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
-        rows.append(row)
-        queries.append(Query(turns, paths, str(row.get("id", n))))
-    if not rows:
-        raise UserError(f"--input: {p} holds no questions")
-    return rows, queries
+    rows, queries, skipped = [], [], []
+    for e in v.entries:
+        if e.record is not None and id(e.record) in usable:
+            rows.append(e.raw)
+            queries.append(Query(e.record.conversations, [resolve_under(root, x) for x in e.record.images],
+                                 str(e.raw.get("id", e.line))))
+        else:
+            raw = e.raw if isinstance(e.raw, dict) else {"input": e.raw}
+            skipped.append({"order": e.index, **raw, "answer": None, "error": str(e.errors[0])})
+    return rows, queries, skipped
 
 
 @config
@@ -187,6 +178,9 @@ class PredictConfig:
     """Where to run: auto (the GPU when there is one), cpu, cuda or cuda:N."""
     overwrite: bool = False
     """Replace an existing --out file."""
+    max_bad_records: float = MAX_BAD_RECORDS
+    """Batch mode: rows with problems (a bad image, an empty question, ...) are skipped, answered with null and their
+    error, up to this fraction of the file; past it the file is refused before the model loads."""
 
 
 def predict(cfg: PredictConfig) -> list[dict]:
@@ -196,8 +190,10 @@ def predict(cfg: PredictConfig) -> list[dict]:
     single = cfg.image is not None or cfg.question is not None
     if single == (cfg.input is not None):
         raise UserError("give either --question (with --image) for one answer, or --input JSONL for a batch")
-    if cfg.out and Path(cfg.out).exists() and not cfg.overwrite:
-        raise UserError(f"--out: {cfg.out} exists; pass --overwrite to replace it")
+    if cfg.out:
+        check_output_file(cfg.out, {"--input": cfg.input, "--image": cfg.image}, "--out")
+        if Path(cfg.out).exists() and not cfg.overwrite:
+            raise UserError(f"--out: {cfg.out} exists; pass --overwrite to replace it")
     stop = parse_stop(cfg.stop)
     # Check every input before the (slow) model load.
     if single:
@@ -206,8 +202,11 @@ def predict(cfg: PredictConfig) -> list[dict]:
         paths = [check_image(cfg.image)] if cfg.image else []
         rows = [{"image": cfg.image, "question": cfg.question}] if cfg.image else [{"question": cfg.question}]
         queries = [Query(question_turns(cfg.question, len(paths)), paths)]
+        skipped = []
     else:
-        rows, queries = read_batch(cfg.input, cfg.image_folder)
+        rows, queries, skipped = read_batch(cfg.input, cfg.image_folder, cfg.max_bad_records)
+        if cfg.out:
+            check_output_file(cfg.out, {"an image of --input": [q for qs in queries for q in qs.images]}, "--out")
     predictor = load_predictor(cfg.model, cfg.base_model, cfg.dtype, cfg.template, device=cfg.device)
     if single:
         answers = predictor.answer(queries, 1, cfg.max_new_tokens, stop)
@@ -221,6 +220,9 @@ def predict(cfg: PredictConfig) -> list[dict]:
         from llavatune.data.show import prompt_text
 
         out[0]["prompt"] = prompt_text(predictor.encoder, queries[0].turns)
+    if not single and skipped:  # back in input order, with their error: nothing is dropped silently
+        for row in skipped:
+            out.insert(row.pop("order"), row)
     if cfg.out:
         atomic_write_jsonl(cfg.out, out)
     return out

@@ -19,6 +19,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from llavatune.data.encode import IGNORE_INDEX
 from llavatune.model.loader import PROJECTOR, VISION, write_meta
+from llavatune.utils import atomic_write_text
 
 logger = logging.getLogger("llavatune")
 
@@ -228,10 +229,34 @@ def finish_checkpoint(ckpt: Path, processor, meta: dict, config_path: Path | Non
 
 
 class MetricsJsonlCallback(TrainerCallback):
-    """Append every log (loss, lr, eval metrics) as one JSON line to ``OUTPUT_DIR/metrics.jsonl``."""
+    """Append every log (loss, lr, eval metrics) as one JSON line to ``OUTPUT_DIR/metrics.jsonl``.
+
+    When training begins, rows past the step it begins at are dropped (atomically): after a resume from
+    ``checkpoint-N`` the steps between N and the interruption are logged again, and must appear once, not twice;
+    a fresh start in a run folder keeps nothing of an earlier attempt.
+    """
 
     def __init__(self, path: Path):
         self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
+            try:
+                row = json.loads(line)
+                step = int(row.get("step", 0)) if isinstance(row, dict) else None
+            except (ValueError, TypeError):
+                step = None  # a torn last line from the interrupted run
+            if step is not None and step <= state.global_step and "train_runtime" not in row:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            atomic_write_text(self.path, "".join(kept))
+            logger.info(f"metrics.jsonl: dropped {dropped} row(s) logged after step {state.global_step} by the "
+                        "interrupted attempt (they are logged again as training continues)")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -8,25 +8,46 @@ Stage 1 (``--stage pretrain``) trains the projector on captions; stage 2 (``--st
 projector + LLM (LoRA, QLoRA or full) with the vision tower frozen. Output: ``OUTPUT_DIR`` holds the final
 weights (adapter or full), processor, ``llavatune_config.yaml``, ``metrics.jsonl`` and ``checkpoint-N``
 folders, each loadable on its own.
+
+Before step 1, and before anything is written: the data goes through the same validation as ``llavatune check``
+(records with problems are skipped and listed, up to ``--max_bad_records``; a wrong file is refused), every image
+is verified once (in parallel; verdicts remembered in ``image_checks.json``), and ``OUTPUT_DIR`` is compared with
+the run recorded there (``llavatune_run.json``: a fingerprint of data, model, method and the result-changing
+options): the same run resumes from its latest checkpoint, or says it is finished; a different one is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from llavatune.config import ConfigError, parse_config, save_resolved
 from llavatune.data.encode import Encoder, LlavaCollator, LlavaDataset
-from llavatune.data.records import Record, image_root, load_records, normalize_image_placement
+from llavatune.data.records import Record, Validation, image_root, normalize_image_placement, validate_data
 from llavatune.data.show import first_sample
 from llavatune.train.train_config import DataArgs, EvalArgs, LlavaTrainingArguments, MethodArgs, ModelArgs
-from llavatune.utils import UserError, finish_distributed, prepare_output_dir
+from llavatune.utils import (
+    UserError,
+    atomic_write_json,
+    atomic_write_jsonl,
+    check_output_dir,
+    finish_distributed,
+    output_kind,
+    prepare_output_dir,
+)
 
 logger = logging.getLogger("llavatune")
 CONFIG_FILE = "llavatune_config.yaml"
+RUN_FILE = "llavatune_run.json"  # the run's fingerprint and status ("running" / "finished")
+IMAGE_CHECKS_FILE = "image_checks.json"
+SKIPPED_FILE = "skipped_records.jsonl"
 SECTIONS = (ModelArgs, DataArgs, MethodArgs, EvalArgs, LlavaTrainingArguments)
 
 
@@ -103,10 +124,225 @@ def build_base(margs: ModelArgs, mthd: MethodArgs, base_dir: Path, texts: list[s
         )
 
 
-def load_split(path: str, image_folder: str | None) -> tuple[list[Record], list[Path]]:
-    records = [normalize_image_placement(r) for r in load_records(path)]
+def load_split(path: str, image_folder: str | None, name: str = "train", max_bad_records: float = 0.0,
+               **validate_kwargs) -> tuple[list[Record], list[Path], Validation]:
+    """The usable records of a data file (validated as ``llavatune check`` does; see :func:`validate_data`), one
+    image root per record, and the validation (what was skipped and why). Refuses the file past
+    ``max_bad_records``."""
+    v = validate_data(path, image_folder, purpose="train", **validate_kwargs)
+    records = [normalize_image_placement(r) for r in v.accept(max_bad_records)]
+    for line in v.skip_report(name):
+        logger.warning(line)
     root = image_root(path, image_folder)
-    return records, [root] * len(records)
+    return records, [root] * len(records), v
+
+
+# ---------------------------------------------------------------------------------- the run directory
+
+# Options whose change makes a different run (results differ): a run dir holding another combination is refused.
+_FINGERPRINT_OPTIONS = {
+    "model": ("model", "vision_model", "language_model", "projector", "vision_feature_layer",
+              "vision_feature_select_strategy", "dtype"),
+    "data": ("image_folder", "template", "max_length", "truncation", "max_train_samples", "max_bad_records",
+             "max_pixels"),
+    "method": ("stage", "method", "bits", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
+               "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "train_vision",
+               "projector_lr", "vision_lr", "smoke"),
+    "training": ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+                 "weight_decay", "seed", "data_seed", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon",
+                 "max_grad_norm", "bf16", "fp16", "label_smoothing_factor", "train_sampling_strategy", "world_size"),
+}
+
+
+def _file_identity(path: str | os.PathLike) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"path": os.path.realpath(path), "size": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_fingerprint(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs,
+                    targs: LlavaTrainingArguments) -> dict[str, Any]:
+    """What defines a run: the data files' identity (content hash), the model, the method and every option that
+    changes the result. Logging, saving, evaluation and resume options are not part of it."""
+    fp: dict[str, Any] = {"data": _file_identity(dargs.data)}
+    if dargs.val_data:
+        fp["val_data"] = _file_identity(dargs.val_data)
+    sections = {"model": margs, "data": dargs, "method": mthd, "training": targs}
+    for section, names in _FINGERPRINT_OPTIONS.items():
+        for name in names:
+            value = getattr(sections[section], name, None)
+            if name in ("image_folder", "model", "vision_model", "language_model") and value and Path(value).exists():
+                value = os.path.realpath(value)
+            fp[name] = _plain(value)
+    if margs.pretrained_projector:
+        p = Path(margs.pretrained_projector)
+        fp["pretrained_projector"] = _file_identity(p) if p.is_file() else os.path.realpath(p)
+    return fp
+
+
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two fingerprints, in words (data files compare by content, not by path)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) or isinstance(b, dict):
+            if not (isinstance(a, dict) and isinstance(b, dict) and a.get("sha256") == b.get("sha256")):
+                where = (b or a or {}).get("path") if isinstance(b or a, dict) else b
+                out.append(f"--{key} {where} has different content" if a and b else f"--{key} {a!r} -> {b!r}")
+        elif a != b:
+            out.append(f"--{key} {a!r} -> {b!r}")
+    return out
+
+
+@dataclasses.dataclass
+class RunDir:
+    """What to do with ``--output_dir``: start fresh, resume from a checkpoint, or nothing (finished)."""
+
+    path: Path
+    resume_from: str | None = None
+    finished: bool = False
+    existing: bool = False  # the folder holds this run already (resume, or restart before its first checkpoint)
+    step: int | None = None
+
+
+def _read_run_file(d: Path) -> dict[str, Any] | None:
+    f = d / RUN_FILE
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"--output_dir {d}: {RUN_FILE} is unreadable; pass --overwrite to replace the run or choose "
+                        "a new --output_dir") from None
+    return data if isinstance(data, dict) else None
+
+
+def _checkpoint_step(ckpt: str) -> int:
+    state = Path(ckpt) / "trainer_state.json"
+    try:
+        return int(json.loads(state.read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return int(Path(ckpt).name.rsplit("-", 1)[-1]) if Path(ckpt).name.rsplit("-", 1)[-1].isdigit() else 0
+
+
+def run_dir_plan(out: Path, fingerprint: dict[str, Any], mthd: MethodArgs, inputs: dict[str, Any]) -> RunDir:
+    """Decide, before anything is written, what this invocation does with ``out`` (see :class:`RunDir`).
+
+    Refuses: a different run recorded in ``out`` (naming what changed), a folder that is not a llavatune run,
+    ``--overwrite`` of anything but a llavatune run or of a folder holding an input, ``--resume`` with nothing to
+    resume.
+    """
+    from llavatune.train.llava_trainer import latest_checkpoint
+
+    explicit = mthd.resume if mthd.resume not in (None, "auto") else None
+    if explicit is not None and not Path(explicit).is_dir():
+        raise UserError(f"--resume: {explicit} is not a checkpoint directory")
+    if mthd.overwrite:
+        check_output_dir(out, overwrite=True, kind="train", inputs=inputs)
+        return RunDir(out)
+    if explicit is not None:  # resuming another folder's checkpoint: it must be the same run
+        src = _read_run_file(Path(explicit).parent)
+        if src is not None and fingerprint_changes(src.get("fingerprint") or {}, fingerprint):
+            raise UserError(f"--resume {explicit}: that checkpoint belongs to a different run "
+                            f"({'; '.join(fingerprint_changes(src.get('fingerprint') or {}, fingerprint))})")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out}: exists and is a file, not a folder")
+    if not (out.is_dir() and any(out.iterdir())):
+        if mthd.resume == "auto":
+            raise UserError(f"--resume: {out} holds no run to resume (no checkpoint-N folder)")
+        return RunDir(out, resume_from=explicit)
+    state = _read_run_file(out)
+    if state is None:
+        if output_kind(out) == "train" and mthd.resume is not None:
+            ckpt = explicit or latest_checkpoint(out)
+            if ckpt is None:
+                raise UserError(f"--resume: no checkpoint-N folder in {out}")
+            logger.warning(f"{out} records no run fingerprint (an older llavatune made it); resuming {ckpt} as asked")
+            return RunDir(out, resume_from=ckpt, existing=True)
+        if output_kind(out) == "train":
+            raise UserError(
+                f"--output_dir {out}: holds a llavatune run made by an older version, without the record of what it "
+                "trained; pass --resume to continue it as it is, --overwrite to replace it, or choose a new --output_dir"
+            )
+        check_output_dir(out, overwrite=False, kind="train")  # raises: not empty and not ours
+    changes = fingerprint_changes(state.get("fingerprint") or {}, fingerprint)
+    if changes:
+        raise UserError(
+            f"--output_dir {out}: holds a different run ({'; '.join(changes)}); pass --overwrite to replace it, or "
+            "choose a new --output_dir"
+        )
+    if state.get("status") == "finished":
+        return RunDir(out, finished=True, existing=True, step=state.get("global_step"))
+    ckpt = explicit or latest_checkpoint(out)
+    if ckpt is None and mthd.resume == "auto":
+        raise UserError(f"--resume: no checkpoint-N folder in {out} to resume from")
+    return RunDir(out, resume_from=ckpt, existing=True)
+
+
+def write_run_state(out: Path, fingerprint: dict[str, Any], status: str, step: int | None = None) -> None:
+    state = {"status": status, "global_step": step, "fingerprint": fingerprint}
+    atomic_write_json(out / RUN_FILE, state)
+
+
+def _inputs(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs) -> dict[str, Any]:
+    """Every input a train run reads, for the output-directory guard."""
+    found = {"--data": dargs.data, "--val_data": dargs.val_data, "--image_folder": dargs.image_folder,
+             "--pretrained_projector": margs.pretrained_projector}
+    for name in ("model", "vision_model", "language_model"):
+        value = getattr(margs, name)
+        if value and Path(value).exists():
+            found[f"--{name}"] = value
+    roots = [image_root(p, dargs.image_folder) for p in (dargs.data, dargs.val_data) if p]
+    found["the image folder"] = [str(r) for r in roots]
+    return {k: v for k, v in found.items() if v}
+
+
+def validate_training_data(dargs: DataArgs, out: Path, workers_flag: str = "--image_workers"):
+    """Validate (and verify the images of) the training and validation data, before step 1 and before the output
+    directory is touched. Returns ``(train records, roots, val records, roots, validations, verdict cache)``."""
+    from llavatune.data.images import VerdictCache
+
+    cache = VerdictCache(out / IMAGE_CHECKS_FILE, dargs.max_pixels)
+    kw = dict(max_bad_records=dargs.max_bad_records, max_pixels=dargs.max_pixels, workers=dargs.image_workers,
+              cache=cache, workers_flag=workers_flag)
+    train_records, train_roots, tv = load_split(dargs.data, dargs.image_folder, "train data", **kw)
+    if dargs.max_train_samples:
+        train_records, train_roots = train_records[: dargs.max_train_samples], train_roots[: dargs.max_train_samples]
+    val_records, val_roots, vv = ([], [], None)
+    if dargs.val_data:
+        val_records, val_roots, vv = load_split(dargs.val_data, dargs.image_folder, "validation data", **kw)
+    return train_records, train_roots, val_records, val_roots, [x for x in (tv, vv) if x is not None], cache
+
+
+def write_validation_files(out: Path, validations: list[Validation], cache) -> None:
+    """``skipped_records.jsonl`` (every skipped record with its reasons: nothing is dropped silently) and the
+    remembered image verdicts."""
+    rows = [{"data": str(v.data), **e.reject_row()} for v in validations for e in v.bad]
+    if rows or (out / SKIPPED_FILE).exists():
+        atomic_write_jsonl(out / SKIPPED_FILE, rows)
+    cache.save(out / IMAGE_CHECKS_FILE)
+
+
+def train_with_one_line_errors(trainer, resume_from: str | None) -> None:
+    """``trainer.train``, with a llavatune error raised inside a DataLoader worker process shown as the same one
+    line it is in the main process: torch re-raises it as ``Caught UserError in DataLoader worker process N`` plus
+    the worker's whole traceback (torch/utils/_utils.py ``ExceptionWrapper.reraise``)."""
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except UserError as e:
+        text = str(e)
+        if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+            last = text.rstrip().splitlines()[-1]
+            head, sep, message = last.partition(": ")
+            raise UserError(message if sep and "." in head else last) from None
+        raise
 
 
 def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
@@ -120,7 +356,6 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         LlavaTrainer,
         MetricsJsonlCallback,
         finish_checkpoint,
-        latest_checkpoint,
     )
 
     validate(margs, dargs, mthd, eargs, targs)
@@ -159,30 +394,31 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         except ValueError as e:  # TrainingArguments' own consistency checks
             raise ConfigError(str(e)) from None
 
-    # Output directory: refuse to clobber, resume when asked (or when checkpoints are there)
+    # Output directory: decided before anything is written; the same run resumes or is finished, another is refused
     out = Path(targs.output_dir)
-    resume_from = None
-    if mthd.resume and mthd.resume != "auto":
-        resume_from = mthd.resume
-    elif not mthd.overwrite and (mthd.resume == "auto" or latest_checkpoint(out)):
-        resume_from = latest_checkpoint(out)
-        if mthd.resume == "auto" and resume_from is None:
-            raise UserError(f"--resume auto: no checkpoint-N folder in {out}")
-    if resume_from and not Path(resume_from).is_dir():
-        raise UserError(f"--resume: {resume_from} is not a checkpoint directory")
-    if out.is_dir() and any(out.iterdir()) and not (mthd.overwrite or resume_from):
-        prepare_output_dir(out)  # raises the "exists and is not empty" error, on every rank alike
-    with targs.main_process_first(desc="output directory"):
-        if targs.process_index == 0:
-            prepare_output_dir(out, overwrite=mthd.overwrite, resume=resume_from is not None)
+    fingerprint = run_fingerprint(margs, dargs, mthd, targs)
+    plan = run_dir_plan(out, fingerprint, mthd, _inputs(margs, dargs, mthd))
+    if plan.finished:
+        logger.info(f"{out} holds this run, finished (step {plan.step}); nothing to do. Pass --overwrite to train it "
+                    "again, or choose a new --output_dir")
+        return None
+    resume_from = plan.resume_from
     if resume_from:
         logger.info(f"resuming from {resume_from}")
+    elif plan.existing:
+        logger.info(f"{out} holds this run, stopped before its first checkpoint: starting it again")
 
-    # Dataset records
-    train_records, train_roots = load_split(dargs.data, dargs.image_folder)
-    if dargs.max_train_samples:
-        train_records, train_roots = train_records[: dargs.max_train_samples], train_roots[: dargs.max_train_samples]
-    val_records, val_roots = load_split(dargs.val_data, dargs.image_folder) if dargs.val_data else ([], [])
+    # Dataset records, validated as 'llavatune check' does, and every image verified, before anything is written
+    # (rank 0 first; the other ranks then reuse its remembered image verdicts)
+    with targs.main_process_first(desc="validate data"):
+        train_records, train_roots, val_records, val_roots, validations, cache = validate_training_data(dargs, out)
+        if targs.process_index == 0:
+            images = [str(f) for v in validations for f in v.image_files] if mthd.overwrite else []
+            prepare_output_dir(out, overwrite=mthd.overwrite, resume=plan.existing or resume_from is not None,
+                               kind="train", inputs={**_inputs(margs, dargs, mthd), "an image of the data": images})
+            write_run_state(out, fingerprint, "running")
+            write_validation_files(out, validations, cache)
+    n_prior = {"train": len(validations[0].bad), "validation": len(validations[1].bad) if dargs.val_data else 0}
 
     # Model: turn --model into a llava-hf directory or hub id, then load (quantized for QLoRA)
     base_dir = out / "base_model"
@@ -222,8 +458,9 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     # Tokenize, mask and self-check before any training step
     template = "plain" if mthd.stage == "pretrain" else dargs.template
     encoder = Encoder(processor, template=template, max_length=dargs.max_length, truncation=dargs.truncation)
-    train_ds = LlavaDataset(train_records, encoder, train_roots, name="train")
-    val_ds = LlavaDataset(val_records, encoder, val_roots, name="validation") if val_records else None
+    train_ds = LlavaDataset(train_records, encoder, train_roots, name="train", prior_skipped=n_prior["train"])
+    val_ds = (LlavaDataset(val_records, encoder, val_roots, name="validation", prior_skipped=n_prior["validation"])
+              if val_records else None)
     for ds in (train_ds, val_ds):
         if ds is None:
             continue
@@ -237,7 +474,8 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
                 f"{ds.name}: masking self-check failed on {len(ds.masking_problems)}/{len(ds)} samples (e.g. {ref}: "
                 f"{why}); training would learn from the wrong tokens. Check --template against the model"
             )
-    logger.info(first_sample(train_ds))  # what the model sees (llavatune check DATA --model M --show N shows more)
+    if targs.process_index == 0:
+        logger.info(first_sample(train_ds))  # what the model sees (llavatune check DATA --model M --show N shows more)
 
     config_path = out / CONFIG_FILE
     if targs.process_index == 0:
@@ -290,12 +528,13 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         generation_eval=generation_eval,
         overfit_patience=eargs.overfit_patience,
     )
-    trainer.train(resume_from_checkpoint=resume_from)
+    train_with_one_line_errors(trainer, resume_from)
 
     # Final weights (adapter or full model) + everything needed to load them alone
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         finish_checkpoint(out, processor, meta, config_path, model.config)
+        write_run_state(out, fingerprint, "finished", trainer.state.global_step)
         logger.info(f"done: weights, processor and config in {out}")
         try:  # run report (report.html / report.md); a report problem never fails training
             from llavatune.report import write_report

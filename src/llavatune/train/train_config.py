@@ -11,6 +11,8 @@ from typing import Literal, Optional
 from transformers import TrainingArguments
 
 from llavatune.config import ConfigError, config
+from llavatune.data.images import MAX_PIXELS
+from llavatune.data.records import MAX_BAD_RECORDS
 
 
 @config
@@ -67,6 +69,24 @@ class DataArgs:
     max_masking_failures: float = 0.05
     """Abort before training if more than this fraction of samples fail the masking self-check (labels that do not
     decode back to the answer text)."""
+    max_bad_records: float = MAX_BAD_RECORDS
+    """Records with problems (the errors 'llavatune check' reports: bad images, malformed turns, duplicate ids,
+    empty answers, placeholder/image mismatches) are skipped and listed, in the log and in OUTPUT_DIR/
+    skipped_records.jsonl, up to this fraction of a data file; past it the file is refused before training. A file
+    that is itself wrong (not JSON, not a list, not UTF-8, empty) is always refused."""
+    max_pixels: int = MAX_PIXELS
+    """Images with more pixels than this are bad records (decompression-bomb guard; Pillow's own limit)."""
+    image_workers: Optional[int] = None
+    """Processes that verify the images before step 1 (default: one per available CPU core). Verdicts are remembered
+    in OUTPUT_DIR/image_checks.json per file, size and modification time."""
+
+    def __post_init__(self):
+        if not 0 <= self.max_bad_records <= 1:
+            raise ConfigError(f"--max_bad_records: a fraction in [0, 1], got {self.max_bad_records}")
+        if self.max_pixels < 1:
+            raise ConfigError(f"--max_pixels: must be at least 1, got {self.max_pixels}")
+        if self.image_workers is not None and self.image_workers < 1:
+            raise ConfigError(f"--image_workers: must be at least 1, got {self.image_workers}")
 
 
 @config
@@ -110,12 +130,21 @@ class MethodArgs:
     """Smoke test: swap in a tiny model of the same families and run a few steps end to end, to catch data and
     config bugs before renting a GPU."""
     overwrite: bool = False
-    """Replace a non-empty --output_dir (default: refuse)."""
-    resume: Optional[str] = None
-    """Resume training: a checkpoint directory, or 'auto' for the latest checkpoint in --output_dir. A non-empty
-    --output_dir with checkpoints is resumed automatically when --resume is not given and --overwrite is off."""
+    """Replace --output_dir when it holds an earlier llavatune run (never a folder of other files, never one that
+    holds an input)."""
+    resume: Optional[str] = field(default=None, metadata={"nargs": "?", "const": "auto"})
+    """Resume training: bare --resume (or 'auto') continues from the latest checkpoint in --output_dir, or give a
+    checkpoint directory. Without it, re-running the same command into its --output_dir resumes automatically, says
+    'finished' when the run is complete, and refuses when the data, model, method or a training option that changes
+    the result differs from the run recorded there."""
 
     def __post_init__(self):
+        if self.resume is True:  # YAML "resume: true"
+            self.resume = "auto"
+        elif self.resume is False or self.resume == "":
+            self.resume = None
+        if self.resume is not None and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: choose one")
         if self.lora_r <= 0:
             raise ConfigError(f"--lora_r: must be positive, got {self.lora_r}")
         if not 0 <= self.lora_dropout < 1:
