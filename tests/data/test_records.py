@@ -86,3 +86,16 @@ def test_structural_problems_are_reported():
     assert {("not-starting-with-human", "conversations[0]"), ("placeholder-mismatch", "image"),
             ("empty-turn", "conversations[1].value")} <= found
     assert all(q.severity == "error" and q.record == "'x'" for q in record_problems(r))
+
+
+@pytest.mark.parametrize("value, want", [
+    ("<image>What is this?", "<image>\nWhat is this?"),  # the original rewrites these too (preprocess_multimodal)
+    ("<image> What is this?", "<image>\nWhat is this?"),
+    ("<image>\nWhat is this?", "<image>\nWhat is this?"),
+    ("What is this?\n<image>", "<image>\nWhat is this?"),
+    ("<image>", "<image>"),  # (<image> + "\n" + "").strip()
+])
+def test_single_image_placement_equals_the_original(tmp_path, value, want):
+    (rec,) = load_records(write(tmp_path, "p.json", [{"id": "s", "image": "a.jpg", "conversations": [
+        {"from": "human", "value": value}, {"from": "gpt", "value": "x"}]}]))
+    assert normalize_image_placement(rec).conversations[0].value == want

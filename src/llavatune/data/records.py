@@ -348,14 +348,16 @@ def image_root(data_file: str | os.PathLike, image_folder: str | os.PathLike | N
 def normalize_image_placement(rec: Record) -> Record:
     """Single-image LLaVA convention: ``<image>`` alone at the start of its turn (``<image>\\n...``).
 
-    The original LLaVA code moves the placeholder there; we do the same so prompts match the released
-    models. Records with several images keep their placeholders where the user put them.
+    The original LLaVA code (``preprocess_multimodal``) rewrites every turn holding the placeholder as
+    ``(<image> + "\n" + rest.strip()).strip()`` — also ``"<image>What"`` and ``"<image> What"``, which become
+    ``"<image>\nWhat"``; we do the same so prompts match the released models. Records with several images keep
+    their placeholders where the user put them.
     """
     if len(rec.images) != 1:
         return rec
     for t in rec.conversations:
-        if IMAGE_TOKEN in t.value and t.value.count(IMAGE_TOKEN) == 1 and not t.value.startswith(IMAGE_TOKEN):
-            t.value = IMAGE_TOKEN + "\n" + t.value.replace(IMAGE_TOKEN, "").strip()
+        if t.value.count(IMAGE_TOKEN) == 1:
+            t.value = (IMAGE_TOKEN + "\n" + t.value.replace(IMAGE_TOKEN, "").strip()).strip()
     return rec
 
 
