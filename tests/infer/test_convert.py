@@ -339,7 +339,7 @@ def test_bad_original_checkpoints_give_clear_errors(full_original, tmp_path, cap
         assert len(lines) == 1, err
         return lines[0]
 
-    assert "does not exist" in run(tmp_path / "missing")
+    assert "no such folder" in run(tmp_path / "missing")
     bad = tmp_path / "bad"
     shutil.copytree(full_original["src"], bad)
     cfg = json.loads((bad / "config.json").read_text())

@@ -467,9 +467,12 @@ def _check_images(
 
 
 def _load_processor(model: str):
-    """``(processor or None, tokenizer)`` from a local model folder; never runs remote code."""
+    """``(processor or None, tokenizer)`` from a local model folder or hub id; never runs remote code."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    from llavatune.model.refs import resolve_model
+
+    model = resolve_model(model, "--model")
     processor = None
     try:
         processor = AutoProcessor.from_pretrained(model, trust_remote_code=False)
@@ -551,7 +554,7 @@ def check_dataset(
 ) -> CheckReport:
     """Check every record and image of a LLaVA / messages ``.json`` or ``.jsonl`` file.
 
-    ``image_folder`` defaults to the data file's folder. With ``model`` (a local folder holding a processor
+    ``image_folder`` defaults to the data file's folder. With ``model`` (a local folder or hub id with a processor
     or tokenizer) the report adds token-length statistics, an estimate (see :func:`image_tokens_per_image`).
     ``progress``: ``None`` shows a progress bar for large image sets on a terminal.
     Raises :class:`~llavatune.utils.UserError` only when the check cannot run at all (file or folder missing).
@@ -726,8 +729,9 @@ class CheckArgs:
     image_folder: str | None = None
     """folder that image paths are relative to (default: the data file's folder)"""
     model: str | None = None
-    """local model folder with a processor or tokenizer: adds token-length statistics (an estimate: text tokens
-    plus image tokens per image) and counts samples over --max-length"""
+    """the model to be trained, for its processor or tokenizer: a local folder or a hub id such as
+    llava-hf/llava-1.5-7b-hf (only its tokenizer and processor files are fetched). Adds token-length statistics (an
+    estimate: text tokens plus image tokens per image) and counts samples over --max-length"""
     max_length: int = 2048
     """maximum sequence length in tokens; longer samples are reported as warnings (needs --model)"""
     max_pixels: int = MAX_PIXELS

@@ -69,13 +69,11 @@ WEIGHT_FILES_SKIPPED = ("non_lora_trainables.bin", "mm_projector.bin", "training
 
 
 def _local_dir(ref: str, what: str, patterns: list[str] | None = None) -> Path:
-    p = Path(ref).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise UserError(f"{what}: {ref} is not a folder")
-        return p
-    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        raise UserError(f"{what}: {ref} does not exist")
+    from llavatune.model.refs import looks_local, resolve_model
+
+    resolved = resolve_model(ref, what)  # a local folder, or a hub id the hub (or the cache) can serve: one line if not
+    if looks_local(ref):
+        return Path(resolved)
     try:
         from huggingface_hub import snapshot_download
 
