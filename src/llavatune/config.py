@@ -24,6 +24,9 @@ from typing import Any, Callable, Sequence
 import yaml
 
 
+CONFIG_FILE = "llavatune_config.yaml"  # the resolved configuration, in every output directory
+
+
 class ConfigError(ValueError):
     """A user-facing configuration error. The message names the flag or YAML key at fault."""
 

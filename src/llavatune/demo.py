@@ -83,6 +83,10 @@ def demo(cfg: DemoConfig) -> dict:
     from llavatune.model.tiny import build_tiny
 
     t0 = time.time()
+    if Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()) and not cfg.overwrite:
+        # the demo always starts over (it has no --resume, unlike train)
+        raise UserError(f"--out {cfg.out} exists and is not empty; pass --overwrite to replace it, or choose another "
+                        "--out")
     out = prepare_output_dir(cfg.out, overwrite=cfg.overwrite)
     common = ["--report_to", "none", "--seed", str(cfg.seed), "--dataloader_num_workers", "0"]
 

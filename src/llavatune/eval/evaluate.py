@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from llavatune.config import config, parse_config
+from llavatune.config import CONFIG_FILE, config, parse_config, save_resolved
 from llavatune.data.encode import Encoder
 from llavatune.data.records import Record, image_root, load_records, normalize_image_placement
 from llavatune.eval.score import aggregate
-from llavatune.eval.vqa_metric import exact_match, token_f1, vqa_score
+from llavatune.eval.vqa_metric import check_stemmer, exact_match, token_f1, vqa_score
 from llavatune.infer.generate import Query, generate, parse_stop, split_for_eval
+from llavatune.model.refs import resolve_model
 from llavatune.utils import UserError, atomic_write_json, atomic_write_jsonl, finish_distributed, resolve_under
 
 logger = logging.getLogger("llavatune")
@@ -147,6 +148,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     if not cfg.model or not cfg.data:
         raise UserError("--model and --data are required")
+    resolve_model(cfg.model, "--model")  # a typo'd path or an unreachable hub id: one line, before any work
+    if cfg.stem:
+        check_stemmer()
     if cfg.out and (Path(cfg.out) / "metrics.json").exists() and not cfg.overwrite:
         raise UserError(f"{cfg.out}/metrics.json exists; pass --overwrite to replace it")
     records = [normalize_image_placement(r) for r in load_records(cfg.data)]
@@ -168,6 +172,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         out = Path(cfg.out)
         atomic_write_jsonl(out / "predictions.jsonl", rows)
         atomic_write_json(out / "metrics.json", metrics)
+        save_resolved(out / CONFIG_FILE, {"eval": cfg})
     return metrics
 
 

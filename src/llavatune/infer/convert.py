@@ -502,7 +502,7 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
     )
     meta = {"method": "converted", "converted_from": str(cfg.from_original), "template": cfg.template,
             "max_length": int(ocfg.get("max_position_embeddings") or 4096)}
-    out = save_model(cfg.out, model, processor, meta)
+    out = save_model(cfg.out, model, processor, meta, config={"convert": cfg})
     logger.info(f"converted {cfg.from_original}: {report.summary()}")
     return out, report
 

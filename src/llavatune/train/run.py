@@ -19,14 +19,13 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
-from llavatune.config import ConfigError, parse_config, save_resolved
+from llavatune.config import CONFIG_FILE, ConfigError, parse_config, save_resolved
 from llavatune.data.encode import Encoder, LlavaCollator, LlavaDataset
 from llavatune.data.records import Record, image_root, load_records, normalize_image_placement
 from llavatune.train.train_config import DataArgs, EvalArgs, LlavaTrainingArguments, MethodArgs, ModelArgs
 from llavatune.utils import UserError, finish_distributed, prepare_output_dir
 
 logger = logging.getLogger("llavatune")
-CONFIG_FILE = "llavatune_config.yaml"
 SECTIONS = (ModelArgs, DataArgs, MethodArgs, EvalArgs, LlavaTrainingArguments)
 
 
