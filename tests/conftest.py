@@ -14,6 +14,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that tries the hub fails fast instead of hanging
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# Subprocess tests (launchers, CLI runs) often run in a temporary cwd: a relative PYTHONPATH=src would then silently
+# import another checkout's llavatune.
+if os.environ.get("PYTHONPATH"):
+    os.environ["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
 
 
 def prepare_shapes(root: Path, n_train_images: int, n_val_images: int, questions_per_image: int = 3,

@@ -145,3 +145,45 @@ def test_cached_hub_id_is_used_when_the_hub_is_unreachable(tmp_path, capsys, mon
     assert rc == 0, captured.err
     assert "using the cached copy" in captured.err and "7.06B total" in captured.out
     assert constants.HF_HUB_OFFLINE is True
+
+
+@pytest.fixture
+def hub_without_the_repo(monkeypatch):
+    """A local stand-in for the hub that answers every request like huggingface.co for an unknown repository."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    yield
+    server.shutdown()
+    server.server_close()
+
+
+def test_unknown_repository_is_an_error_even_for_smoke(inputs, capsys, hub_without_the_repo):
+    """--smoke falls back to the tiny model when the hub is unreachable, not when it says the model does not exist."""
+    rc, err, _ = _run(["train", "--model", "llava-hf/llava-1.5-7b-hf-typo", "--smoke", "--data", inputs["train"],
+                       "--output_dir", str(inputs["tmp"] / "s"), "--report_to", "none"], capsys)
+    line = _one_line(err)
+    assert rc == 1 and "no such repository on the Hugging Face hub" in line
+    assert not (inputs["tmp"] / "s").exists()  # refused before anything was written
+    rc, err, _ = _run(["plan", "--model", "llava-hf/llava-1.5-7b-hf-typo"], capsys)
+    assert rc == 1 and "no such repository" in _one_line(err)

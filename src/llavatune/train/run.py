@@ -72,9 +72,9 @@ def validate(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArg
 
 def check_model_refs(margs: ModelArgs, smoke: bool) -> None:
     """Fail before anything is written when a model reference cannot be used (``llavatune.model.refs``): a local
-    path that does not exist ("no such folder"), or, without ``--smoke``, a hub id the hub cannot serve. ``--smoke``
-    asks the hub later and falls back to the tiny model when it is unreachable (``build_base``)."""
-    from llavatune.model.refs import looks_local, resolve_model
+    path that does not exist ("no such folder"), or a hub id the hub cannot serve. With ``--smoke`` an unreachable
+    hub is no error: ``build_smoke_base`` falls back to the tiny model."""
+    from llavatune.model.refs import hub_available, looks_local, resolve_model
 
     refs = [("--vision_model", margs.vision_model), ("--language_model", margs.language_model)]
     if margs.model not in ("tiny", "tiny-next", "compose"):
@@ -82,7 +82,9 @@ def check_model_refs(margs: ModelArgs, smoke: bool) -> None:
     elif margs.model != "compose":
         refs = []
     for what, ref in refs:
-        if ref and (looks_local(ref) or not smoke):
+        if ref and smoke and not looks_local(ref):
+            hub_available(ref, what)  # an unknown or gated repository is an error; an unreachable hub is not
+        elif ref:
             resolve_model(ref, what)
     if margs.pretrained_projector and not Path(margs.pretrained_projector).expanduser().exists():
         raise UserError(f"--pretrained_projector {margs.pretrained_projector}: no such file or folder")
