@@ -191,6 +191,9 @@ FIGURES: list[Figure] = [
                              r"logits, and [\d]+ MiB) for short VQA answers",
            lambda m: (f"{_logits_gib(None):.1f} GiB in the worst case, {_logits_gib(2048):.1f} GiB if every position"
                       + ("\n" if "\n" in m["fig"] else " ") + f"had logits, and {_logits_gib(8) * 1024:.0f} MiB")),
+    Figure("docs/training.md", r"for LLaVA-1\.5-7B (?P<fig>[\d.]+ GiB of weights and a [\d.]+ GiB) autocast copy",
+           lambda m: (f"{2 * (_spec7().vision_matmul_params() + _counts7()['lm_head'] + _counts7()['projector']) / GiB:.2f}"
+                      f" GiB of weights and a {2 * _counts7()['lm_head'] / GiB:.2f} GiB")),
     # ---- timings quoted from benchmark results
     Figure("docs/data.md", r"14,000\s+questions/images in (?P<fig>[\d.-]+ s wall time \([\d.-]+ s)",
            lambda m: (f"{_range([r['seconds_wall_incl_startup'] for r in _bench('prepare_okvqa')['runs']], ' s')} "

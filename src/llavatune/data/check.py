@@ -562,6 +562,10 @@ def check_dataset(
     p = Path(path)
     if not p.is_file():
         raise DataError(p, None, None, "file not found")
+    if model:  # a typo'd path or an unreachable hub id: one line now, not after every image was read
+        from llavatune.model.refs import resolve_model
+
+        resolve_model(model, "--model")
     root = Path(image_folder) if image_folder is not None else p.parent
     if not root.is_dir():
         raise UserError(f"--image-folder {root} is not a folder")

@@ -123,11 +123,16 @@ def device_options(values: dict) -> None:
         values["use_cpu"] = True
         _say(f"no GPU: the {world_size()} processes train data-parallel on CPU (gloo backend), each on its share of "
              "the data")
-    if values.get("smoke"):
-        for flag in ("bf16", "fp16"):
-            if values.get(flag):
-                values[flag] = False
-                _say(f"--smoke: --{flag} turned off (no {flag} autocast without a GPU)")
+    for flag in ("bf16", "fp16"):
+        if not values.get(flag):
+            continue
+        if values.get("smoke"):
+            values[flag] = False
+            _say(f"--smoke: --{flag} turned off (no {flag} autocast without a GPU)")
+        elif not values.get("use_cpu"):
+            raise ConfigError(f"--{flag}: this machine has no GPU; pass --{flag} false to train in fp32 on the CPU"
+                              + (", --use_cpu true for CPU bf16 autocast" if flag == "bf16" else "")
+                              + ", or --smoke for a 3-step check of the recipe")
 
 
 def smoke_options(mthd: MethodArgs, eargs: EvalArgs, targs: LlavaTrainingArguments, val_data: str | None):
