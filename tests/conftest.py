@@ -54,3 +54,19 @@ def tiny_processor(tmp_path_factory):
     _, processor = build_tiny(texts, d)
     processor.path = d
     return processor
+
+
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_env_leaks():
+    """A test that runs `train --zero` in-process gets a one-process DeepSpeed world (RANK, WORLD_SIZE, ... set in
+    os.environ); the next test must not believe it was started by a launcher."""
+    saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -54,7 +54,8 @@ def test_two_cpu_ranks_are_data_parallel(kind, shapes, tmp_path):
 
 
 def test_deepspeed_launchers_local_rank_is_accepted_anywhere(monkeypatch, capsys):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "unset")  # records the original state, restored after the test
+    monkeypatch.delenv("LOCAL_RANK")
     assert strip_launcher_args(["--local_rank=1", "train", "--model", "tiny"]) == ["train", "--model", "tiny"]
     assert os.environ["LOCAL_RANK"] == "1"
     assert strip_launcher_args(["plan", "--local-rank", "0", "--batch", "2"]) == ["plan", "--batch", "2"]

@@ -52,6 +52,8 @@ def validate(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArg
             raise ConfigError(f"--{name}: {value} does not exist")
     if margs.model == "compose" and not (margs.vision_model and margs.language_model):
         raise ConfigError("--model compose needs --vision_model and --language_model")
+    if mthd.zero:
+        deepspeed_config(mthd.zero)  # an unknown name fails here, before anything is set up
     check_model_refs(margs, mthd.smoke)
     if mthd.method == "qlora" and mthd.stage == "finetune":
         if mthd.zero and "zero3" in mthd.zero:
@@ -278,8 +280,8 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     if not torch.cuda.is_available() and world_size() > 1 and not targs.use_cpu:
         changes["use_cpu"] = True  # data-parallel on CPU (gloo); see device_options, which main() applies earlier
     if mthd.zero:
-        one_process_world()
         changes["deepspeed"] = deepspeed_config(mthd.zero)
+        one_process_world()
         if not torch.cuda.is_available():
             # accelerate sets up DeepSpeed's world only through a GPU backend; on CPU-only machines it needs
             # use_cpu to pick gloo (else every rank believes it is alone and no data is sharded).
