@@ -131,6 +131,7 @@ def test_offline_hub_id_not_cached_is_one_line(name, inputs, capsys):
 def test_cached_hub_id_is_used_when_the_hub_is_unreachable(tmp_path, capsys, monkeypatch, unreachable_hub):
     """The hub down, the model in the local cache: llavatune says so and uses the cache (and goes offline)."""
     from huggingface_hub import constants
+
     from test_plan import LLAVA_15
 
     cache = tmp_path / "hub"

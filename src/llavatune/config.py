@@ -23,7 +23,6 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-
 CONFIG_FILE = "llavatune_config.yaml"  # the resolved configuration, in every output directory
 
 
