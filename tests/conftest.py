@@ -14,6 +14,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that tries the hub fails fast instead of hanging
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# Subprocess tests (launchers, CLI runs) often run in a temporary cwd: a relative PYTHONPATH=src would then silently
+# import another checkout's llavatune.
+if os.environ.get("PYTHONPATH"):
+    os.environ["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
 
 
 def prepare_shapes(root: Path, n_train_images: int, n_val_images: int, questions_per_image: int = 3,
@@ -50,3 +54,19 @@ def tiny_processor(tmp_path_factory):
     _, processor = build_tiny(texts, d)
     processor.path = d
     return processor
+
+
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_env_leaks():
+    """A test that runs `train --zero` in-process gets a one-process DeepSpeed world (RANK, WORLD_SIZE, ... set in
+    os.environ); the next test must not believe it was started by a launcher."""
+    saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import re
 import sys
 from typing import Sequence
 
@@ -49,8 +51,30 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """``argv`` without the ``--local_rank=K`` (or ``--local_rank K``) that DeepSpeed's launcher inserts before the
+    command name (``deepspeed --num_gpus N --module llavatune.cli train ...`` runs ``llavatune.cli --local_rank=0
+    train ...``); the rank goes to ``LOCAL_RANK`` if the launcher did not set it, where torch and accelerate read it."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        m = re.fullmatch(r"--local[_-]rank(?:=(\d+))?", argv[i])
+        if m is None:
+            out.append(argv[i])
+            i += 1
+            continue
+        value = m.group(1)
+        if value is None and i + 1 < len(argv) and argv[i + 1].isdigit():
+            value = argv[i + 1]
+            i += 1
+        if value is not None:
+            os.environ.setdefault("LOCAL_RANK", value)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

@@ -19,9 +19,11 @@ import sys
 import textwrap
 import types
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
+
+CONFIG_FILE = "llavatune_config.yaml"  # the resolved configuration, in every output directory
 
 
 class ConfigError(ValueError):
@@ -111,10 +113,13 @@ def parse_config(
     prog: str = "llavatune",
     description: str = "",
     allow_yaml: bool = True,
+    adjust: Callable[[dict[str, Any]], None] | None = None,
 ):
     """Parse ``[CONFIG.yaml] [--flag value ...]`` into instances of ``dataclass_types``.
 
     YAML keys use the field names; unknown keys are an error naming the key. Flags win over YAML.
+    ``adjust(values)`` may change the merged ``{field: value}`` dict before the dataclasses are built (for
+    decisions their constructors depend on, such as ``train --smoke`` turning bf16 off on a CPU).
     """
     parser = _make_parser(prog, description, dataclass_types)
     if allow_yaml:
@@ -136,6 +141,8 @@ def parse_config(
             raise ConfigError(f"{yaml_path}: unknown option(s) {', '.join(unknown)}; see '{prog} --help'")
         parser.set_defaults(**values)
     ns = parser.parse_args(argv)
+    if adjust is not None:
+        adjust(vars(ns))
     outputs = []
     for dtype in dataclass_types:
         keys = {f.name for f in dataclasses.fields(dtype) if f.init}

@@ -212,6 +212,10 @@ def test_converted_model_generates_through_cli(full_original, tmp_path, capsys):
     out = tmp_path / "hf"
     assert cli_main(["convert", "--from-original", str(full_original["src"]), "--out", str(out)]) == 0
     assert "tensors mapped" in capsys.readouterr().out
+    import yaml
+
+    saved = yaml.safe_load((out / "llavatune_config.yaml").read_text())  # the resolved options, as every command
+    assert saved["convert"]["from_original"] == str(full_original["src"]) and saved["convert"]["out"] == str(out)
     img = shape_image(tmp_path / "a.png")
     assert cli_main(["predict", "--model", str(out), "--image", str(img), "--question", QUESTION,
                      "--max_new_tokens", "6", "--json"]) == 0
@@ -343,7 +347,7 @@ def test_bad_original_checkpoints_give_clear_errors(full_original, tmp_path, cap
         assert len(lines) == 1, err
         return lines[0]
 
-    assert "does not exist" in run(tmp_path / "missing")
+    assert "no such folder" in run(tmp_path / "missing")
     bad = tmp_path / "bad"
     shutil.copytree(full_original["src"], bad)
     cfg = json.loads((bad / "config.json").read_text())

@@ -71,3 +71,25 @@ def test_smoke_swaps_in_a_tiny_model_of_the_same_family(shapes, tmp_path):
     assert cfg["text_config"]["num_hidden_layers"] == 2 and cfg["text_config"]["hidden_size"] == 64
     assert cfg["model_type"] == "llava"
     assert trainer.state.global_step == 3
+
+
+def test_smoke_with_compose_builds_from_both_models(shapes, tmp_path, parts):
+    """--smoke --model compose: a tiny random LLaVA with the language model's tokenizer (plus <image>) and the vision
+    model's image processor and family (it used to hand the language model to build_smoke: AttributeError
+    'LlamaConfig' object has no attribute 'vision_config')."""
+    from transformers import AutoProcessor
+
+    root, vis, lm = parts
+    out = tmp_path / "smoke"
+    argv = ["--model", "compose", "--vision_model", root / "vision", "--language_model", root / "lm", "--smoke",
+            "--data", shapes["captions"], "--stage", "pretrain", "--output_dir", out, "--report_to", "none"]
+    trainer = train(*parse_config(SECTIONS, [str(a) for a in argv]))
+    assert trainer.state.global_step == 3
+    cfg = json.loads((out / "base_model" / "config.json").read_text())
+    assert cfg["model_type"] == "llava" and cfg["vision_config"]["model_type"] == "clip_vision_model"
+    assert cfg["text_config"]["model_type"] == "llama" and cfg["text_config"]["num_hidden_layers"] == 2
+    assert cfg["vision_config"]["image_size"] == vis.config.image_size  # the vision model's own geometry
+    proc = AutoProcessor.from_pretrained(out / "base_model")
+    vocab = proc.tokenizer.get_vocab()
+    assert "<image>" in vocab and cfg["image_token_index"] == vocab["<image>"]
+    assert len(vocab) == lm.config.vocab_size + 1  # the language model's tokenizer, plus <image>

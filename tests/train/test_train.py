@@ -294,7 +294,7 @@ def test_refuses_non_empty_output_dir(shapes, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--model", "./no/such/model"], "does not exist"),
+        (["--model", "./no/such/model"], "no such folder"),
         (["--method", "qlora", "--zero", "zero3"], "zero2"),
         (["--zero", "zero9"], "--zero"),
         (["--method", "dora"], "--method"),

@@ -193,9 +193,12 @@ def _format_fix(f: dict[str, Any]) -> str:
 
 
 def _load_processor(model: str):
-    """``(processor or None, tokenizer)`` from a local model folder; never runs remote code."""
+    """``(processor or None, tokenizer)`` from a local model folder or hub id; never runs remote code."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    from llavatune.model.refs import resolve_model
+
+    model = resolve_model(model, "--model")
     processor = None
     try:
         processor = AutoProcessor.from_pretrained(model, trust_remote_code=False)
@@ -325,12 +328,16 @@ def check_dataset(
 
     The records and images go through :func:`~llavatune.data.records.validate_data`, the same validation
     ``train``, ``eval`` and ``predict --input`` use: what is an error here is skipped or refused there.
-    ``image_folder`` defaults to the data file's folder. With ``model`` (a local folder holding a processor
-    or tokenizer) the report adds token-length statistics, an estimate (see :func:`image_tokens_per_image`), and
+    ``image_folder`` defaults to the data file's folder. With ``model`` (a local folder or hub id with a
+    processor or tokenizer) the report adds token-length statistics, an estimate (see :func:`image_tokens_per_image`), and
     says what the configured ``truncation`` does to each over-long sample. ``progress``: ``None`` shows a progress
     bar for large image sets on a terminal. Raises :class:`~llavatune.utils.UserError` only when the check cannot
     run at all (file or folder missing).
     """
+    if model:  # a typo'd path or an unreachable hub id: one line now, not after every image was read
+        from llavatune.model.refs import resolve_model
+
+        resolve_model(model, "--model")
     v: Validation = validate_data(path, image_folder, purpose="train", max_pixels=max_pixels, workers=workers,
                                   progress=progress, workers_flag="--workers")
     report = CheckReport(data=str(v.data), image_folder=str(v.image_folder), readable=v.readable)
@@ -433,8 +440,10 @@ class CheckArgs:
     image_folder: str | None = None
     """folder that image paths are relative to (default: the data file's folder)"""
     model: str | None = None
-    """local model folder with a processor or tokenizer: adds token-length statistics (an estimate: text tokens
-    plus image tokens per image), counts samples over --max-length and says what --truncation does to each"""
+    """the model to be trained, for its processor or tokenizer: a local folder or a hub id such as
+    llava-hf/llava-1.5-7b-hf (only its tokenizer and processor files are fetched). Adds token-length statistics (an
+    estimate: text tokens plus image tokens per image), counts samples over --max-length and says what --truncation
+    does to each"""
     max_length: int = 2048
     """maximum sequence length in tokens; longer samples are reported as warnings (needs --model)"""
     truncation: str = "drop"

@@ -85,9 +85,14 @@ class OutputOptions:
     strict: bool = False
     """Stop with an error at the first record whose image is missing, instead of skipping it and listing it
     in rejects.jsonl."""
+    max_skipped: float = 0.5
+    """Fail (exit 1, nothing written) when more than this fraction of the records read is skipped (missing or
+    unusable images: usually a wrong --images / --image-root). A run that keeps no record always fails."""
 
     def __post_init__(self):
         _require(self.out, "out", "the folder to write data.json and images/ into")
+        if not 0.0 <= self.max_skipped <= 1.0:
+            raise ConfigError(f"--max-skipped must be a fraction in [0, 1], got {self.max_skipped}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.limit is not None and self.limit < 1:
@@ -835,7 +840,9 @@ def _open_hf(opts: HfOptions) -> Opened:
                 if name not in written:
                     target.write_bytes(data)
                     written.add(name)
-                row = {**row, "\0image": str(target)}
+                # relative to the staging folder, the root it is resolved against (a relative --out must not be
+                # joined onto itself: out/.staging/out/.staging/...)
+                row = {**row, "\0image": name}
                 item = _row_item(row, ref, src, table_cols, stage.resolve(), opts.prompt_suffix, rid)
                 if isinstance(item, Item):
                     item.staged = True
@@ -933,6 +940,7 @@ def run_prepare(source: str, opts: Any, out_opts: OutputOptions) -> dict[str, An
     try:
         out = Path(out_opts.out)
         _check_out_vs_inputs(out, opened.inputs)
+        created = not out.exists()
         out = prepare_output_dir(out, overwrite=out_opts.overwrite, kind="prepare", flag="--out",
                                  inputs={f"--{k.replace('_', '-')}": v for k, v in opened.inputs.items()})
         stage = out / ".staging"
@@ -958,6 +966,13 @@ def run_prepare(source: str, opts: Any, out_opts: OutputOptions) -> dict[str, An
             items.append(x)
             if out_opts.limit and len(items) >= out_opts.limit:
                 break
+        problem = _too_few(source, read, items, rejects, out_opts.max_skipped)
+        if problem:
+            shutil.rmtree(stage, ignore_errors=True)
+            if created:  # made by this run: only the (removed) staging area and the output marker are in it
+                shutil.rmtree(out, ignore_errors=True)
+            _print_rejects([r.to_json() for r in rejects[:MAX_PRINTED_REJECTS]], len(rejects), None)
+            raise UserError(problem)
 
         splits = split_items(items, out_opts.val_fraction, out_opts.seed)
         placer = ImagePlacer()
@@ -1025,13 +1040,32 @@ def run_prepare(source: str, opts: Any, out_opts: OutputOptions) -> dict[str, An
     return report
 
 
+def _too_few(source: str, read: int, items: list, rejects: list[Reject], max_skipped: float) -> str | None:
+    """Why the conversion must fail instead of writing a dataset (no record kept, or too many skipped), or None."""
+    if read == 0:
+        return f"prepare {source}: the input holds no records; nothing written"
+    if items and len(rejects) <= max_skipped * read:
+        return None
+    reasons = ", ".join(f"{n} {k}" for k, n in collections.Counter(r.reason for r in rejects).items())
+    first = rejects[0]
+    what = ("no usable record" if not items else
+            f"{len(rejects)} of {read} records skipped, more than --max-skipped {max_skipped:g} allows")
+    return (f"prepare {source}: {what} ({reasons}; e.g. {first.file}: record {first.ref}: {first.message}); nothing "
+            "written. Check --images / --image-root (or raise --max-skipped)")
+
+
+def _print_rejects(rows: list[dict[str, Any]], total: int, out: str | None) -> None:
+    """The first skipped records (``Reject.to_json`` rows) on stderr, and how many more there are."""
+    for r in rows[:MAX_PRINTED_REJECTS]:
+        sys.stderr.write(f"skipped {r['file']}: record {r['record']}: {r['message']}\n")
+    if total > MAX_PRINTED_REJECTS:
+        where = f" (see {out}/rejects.jsonl)" if out else ""
+        sys.stderr.write(f"... and {total - MAX_PRINTED_REJECTS} more skipped{where}\n")
+
+
 def _print_summary(report: dict[str, Any], out: str) -> None:
     c = report["counts"]
-    skipped = report["skipped_examples"]
-    for r in skipped[:MAX_PRINTED_REJECTS]:
-        sys.stderr.write(f"skipped {r['file']}: record {r['record']}: {r['message']}\n")
-    if c["skipped"] > MAX_PRINTED_REJECTS:
-        sys.stderr.write(f"... and {c['skipped'] - MAX_PRINTED_REJECTS} more skipped (see {out}/rejects.jsonl)\n")
+    _print_rejects(report["skipped_examples"], c["skipped"], out)
     how = ", ".join(
         f"{n} {k}"
         for k, n in (("linked", c["images_linked"]), ("copied", c["images_copied"]), ("written", c["images_written"]))
@@ -1118,7 +1152,8 @@ def _usage() -> str:
     lines += [f"  {name:<{width}}  {s.summary}" for name, s in SOURCES.items()]
     lines += [
         "",
-        "common options: --out DIR (required), --overwrite, --val-fraction F, --seed N, --limit N, --strict",
+        "common options: --out DIR (required), --overwrite, --val-fraction F, --seed N, --limit N, --strict,",
+        "  --max-skipped F (fail when more than this fraction of the records is skipped; default 0.5)",
         "Run 'llavatune prepare SOURCE --help' for a source's options.",
     ]
     return "\n".join(lines)

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from llavatune.config import ConfigError, config, parse_config
+from llavatune.config import CONFIG_FILE, ConfigError, config, parse_config, save_resolved
 from llavatune.data.encode import Encoder
 from llavatune.data.records import MAX_BAD_RECORDS, Record, image_root, normalize_image_placement, validate_data
 from llavatune.eval.score import aggregate
-from llavatune.eval.vqa_metric import exact_match, token_f1, vqa_score
+from llavatune.eval.vqa_metric import check_stemmer, exact_match, token_f1, vqa_score
 from llavatune.infer.generate import Query, generate, parse_stop, split_for_eval
+from llavatune.model.refs import resolve_model
 from llavatune.utils import (
     UserError,
     atomic_write_json,
@@ -181,6 +182,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     if not cfg.model or not cfg.data:
         raise UserError("--model and --data are required")
+    resolve_model(cfg.model, "--model")  # a typo'd path or an unreachable hub id: one line, before any work
+    if cfg.stem:
+        check_stemmer()
     if cfg.out:
         out = Path(cfg.out)
         if out.exists() and not out.is_dir():
@@ -215,6 +219,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if skipped or (out / "skipped_records.jsonl").exists():
             atomic_write_jsonl(out / "skipped_records.jsonl", skipped)
         cache.save()
+        save_resolved(out / CONFIG_FILE, {"eval": cfg})
     return metrics
 
 

@@ -5,8 +5,9 @@
 
 Inputs use the official schemas: questions ``{"questions": [{image_id, question, question_id}]}``,
 annotations ``{"annotations": [{question_id, question_type, answer_type, answers: [{answer, ...}]}]}``,
-predictions one ``{"question_id": ..., "answer": ...}`` per line (JSONL) or a JSON list of such objects
-(the official results format). The questions file defines the question set; every question needs an
+predictions one ``{"question_id": ..., "answer": ...}`` per line (JSONL; ``llavatune predict --out`` writes it)
+or a JSON list of such objects (the official results format), or ``llavatune eval``'s ``predictions.jsonl``
+(``"prediction"`` instead of ``"answer"``). The questions file defines the question set; every question needs an
 annotation (extra annotations are ignored) and, unless ``--allow-partial``, a prediction.
 
 The metric is ``llavatune.eval.vqa_metric.vqa_score`` (see its module docstring for the normalization).
@@ -29,6 +30,9 @@ from llavatune.utils import UserError, atomic_write_json, check_output_file
 from .vqa_metric import vqa_score
 
 _SHOW = 5  # how many offending ids an error message lists
+# The answer field of each predictions format: the official results format and `llavatune predict --out` write
+# "answer", `llavatune eval --out`'s predictions.jsonl writes "prediction".
+ANSWER_KEYS = ("answer", "prediction")
 
 
 @config
@@ -40,8 +44,8 @@ class ScoreConfig:
     """Required. Annotations JSON in the official format: {"annotations": [{"question_id", "question_type",
     "answer_type", "answers": [{"answer": ...}, ...]}]}. OK-VQA v1.1 answers are stemmed: see --stem."""
     predictions: Optional[str] = None
-    """Required. Model answers: JSONL with one {"question_id": ..., "answer": ...} per line, or a JSON list
-    of such objects (the official results format)."""
+    """Required. Model answers: llavatune eval's predictions.jsonl ("prediction" field), predict's JSONL output, or
+    one {"question_id": ..., "answer": ...} per line, or a JSON list of such objects (the official results format)."""
     out: Optional[str] = None
     """Write the metrics as JSON here (overall, by question/answer type, per question), atomically."""
     allow_partial: bool = False
@@ -198,8 +202,9 @@ class _Bad(Exception):
 def load_predictions(path: str | os.PathLike) -> dict[str, tuple[int, str]]:
     """``{question_id: (line number, answer)}`` from a JSONL file or a JSON list of objects.
 
-    Every error names the file and the line: bad JSON, a missing or invalid ``question_id`` or
-    ``answer``, an empty answer, a duplicate question id.
+    The answer is the ``answer`` field (official results format, ``llavatune predict``) or the ``prediction``
+    field (``llavatune eval``'s predictions.jsonl). Every error names the file and the line: bad JSON, a missing
+    or invalid ``question_id`` or answer, an empty answer, a duplicate question id.
     """
     text = _read_text(path, "predictions")
     values = _json_values(text) if text.lstrip().startswith("[") else _jsonl_values(path, text)
@@ -208,13 +213,18 @@ def load_predictions(path: str | os.PathLike) -> dict[str, tuple[int, str]]:
         for line, obj in values:
             if not isinstance(obj, dict):
                 raise _Bad(line, f'expected an object {{"question_id": ..., "answer": ...}}, got {type(obj).__name__}')
-            for key in ("question_id", "answer"):
-                if key not in obj:
-                    raise _Bad(line, f'prediction has no "{key}" (keys: {", ".join(sorted(obj)) or "none"})')
+            keys = ", ".join(sorted(obj)) or "none"
+            if "question_id" not in obj:
+                raise _Bad(line, f'prediction has no "question_id" (keys: {keys}); eval and predict copy it from '
+                                 "records that have one, as prepare okvqa / vqav2 write them")
+            key = next((k for k in ANSWER_KEYS if k in obj), None)
+            if key is None:
+                raise _Bad(line, f'prediction has no "answer" (predict, official results) or "prediction" (eval) '
+                                 f"(keys: {keys})")
             qid = _qid_key(obj["question_id"])
             if qid is None:
                 raise _Bad(line, f"invalid question_id {obj['question_id']!r} (need an integer or a string)")
-            answer = obj["answer"]
+            answer = obj[key]
             if not isinstance(answer, str):
                 raise _Bad(line, f"answer for question_id {qid} must be a string, got {type(answer).__name__}")
             if not answer.strip():

@@ -277,6 +277,11 @@ def _porter():
     return PorterStemmer()
 
 
+def check_stemmer() -> None:
+    """Raise the ``UserError`` that ``stem=True`` would raise, now (before hours of generation, not after)."""
+    _porter()
+
+
 @lru_cache(maxsize=1 << 16)
 def _stem(normalized: str) -> str:
     stemmer = _porter()

@@ -85,13 +85,11 @@ WEIGHT_FILES_SKIPPED = ("non_lora_trainables.bin", "mm_projector.bin", "training
 
 
 def _local_dir(ref: str, what: str, patterns: list[str] | None = None) -> Path:
-    p = Path(ref).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise UserError(f"{what}: {ref} is not a folder")
-        return p
-    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        raise UserError(f"{what}: {ref} does not exist")
+    from llavatune.model.refs import looks_local, resolve_model
+
+    resolved = resolve_model(ref, what)  # a local folder, or a hub id the hub (or the cache) can serve: one line if not
+    if looks_local(ref):
+        return Path(resolved)
     try:
         from huggingface_hub import snapshot_download
 
@@ -620,7 +618,7 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
     )
     meta = {"method": "converted", "converted_from": str(cfg.from_original), "template": canonical(cfg.template),
             "max_length": int(ocfg.get("max_position_embeddings") or 4096)}
-    out = save_model(cfg.out, model, processor, meta)
+    out = save_model(cfg.out, model, processor, meta, config={"convert": cfg})
     if keep and vision_dtypes(hf) - {dtype}:
         # save_pretrained records the first parameter's dtype (the vision tower's); stock from_pretrained(dtype="auto")
         # should load the language model as saved (a 7B in float16, not float32)

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from llavatune.config import config, parse_config
+from llavatune.config import CONFIG_FILE, config, parse_config, save_resolved
 from llavatune.utils import UserError, atomic_write_json, check_output_dir, write_output_marker
 
 logger = logging.getLogger("llavatune")
@@ -73,8 +73,9 @@ def write_atomically(out: str | os.PathLike, write: Callable[[Path], None]) -> P
     return out
 
 
-def save_model(out: str | os.PathLike, model, processor, meta: dict) -> Path:
-    """Write ``model``, ``processor`` and the llavatune metadata file into ``out`` (via :func:`write_atomically`)."""
+def save_model(out: str | os.PathLike, model, processor, meta: dict, config: dict | None = None) -> Path:
+    """Write ``model``, ``processor``, the llavatune metadata file and the resolved command configuration
+    (``config``: ``{section: dataclass}``, as ``llavatune_config.yaml``) into ``out`` (via :func:`write_atomically`)."""
     from llavatune.model.loader import META_FILE
 
     def write(tmp: Path) -> None:
@@ -82,6 +83,8 @@ def save_model(out: str | os.PathLike, model, processor, meta: dict) -> Path:
         processor.save_pretrained(tmp)
         atomic_write_json(tmp / META_FILE, meta)
         write_output_marker(tmp, "merge")
+        if config:
+            save_resolved(tmp / CONFIG_FILE, config)
 
     return write_atomically(out, write)
 
@@ -154,7 +157,7 @@ def merge(cfg: MergeConfig) -> Path:
     meta = {k: v for k, v in info.items() if k in ("stage", "template", "max_length")}
     meta.update({"method": "merged", "merged_from": str(src.resolve()) if src.exists() else str(src),
                  "source_method": info.get("method", info.get("kind"))})
-    save_model(out, model, processor, meta)
+    save_model(out, model, processor, meta, config={"merge": cfg})
     logger.info(f"merged model written to {out}")
     return out
 

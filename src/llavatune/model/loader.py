@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 import torch
 
+from llavatune.model.refs import is_hub_id, looks_local, resolve_model
 from llavatune.utils import UserError
 
 logger = logging.getLogger("llavatune")
@@ -37,17 +38,10 @@ def resolve_dtype(name: str, use_cpu: bool = False) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def _is_local(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or os.path.exists(ref)
-
-
-def check_model_ref(ref: str, what: str = "--model") -> None:
-    """A local-looking path must exist; a hub id must look like ``owner/name``."""
-    if _is_local(ref):
-        if not Path(ref).expanduser().exists():
-            raise UserError(f"{what}: {ref} does not exist")
-    elif ref.count("/") != 1:
-        raise UserError(f"{what}: {ref!r} is neither an existing directory nor a hub id like 'llava-hf/llava-1.5-7b-hf'")
+def check_model_ref(ref: str, what: str = "--model") -> str:
+    """``ref`` resolved by :func:`llavatune.model.refs.resolve_model`: an existing local folder, or a hub id the hub
+    (or the local cache) can serve; anything else is a one-line ``UserError`` before transformers is called."""
+    return resolve_model(ref, what)
 
 
 def compose_llava(
@@ -58,11 +52,14 @@ def compose_llava(
     vision_feature_layer: int = -2,
     vision_feature_select_strategy: str = "default",
     trust_remote_code: bool = False,
+    smoke: bool = False,
 ) -> None:
     """Compose a new llava-hf model from a vision encoder and a causal LM, with a fresh projector.
 
     Adds ``<image>`` (and a pad token if missing) to the tokenizer, resizes the embeddings, builds the
     matching ``LlavaProcessor`` and saves everything to ``out_dir`` — stage 1's starting point.
+    ``smoke``: the same composition with both configs shrunk to a tiny random model (``train --smoke``): the
+    real tokenizer, image processor and families, no weights read.
     """
     from transformers import (
         AutoConfig,
@@ -77,15 +74,23 @@ def compose_llava(
     from llavatune.data.records import IMAGE_TOKEN
     from llavatune.data.templates import VICUNA_JINJA
 
-    for ref, what in ((vision_model, "--vision_model"), (language_model, "--language_model")):
-        check_model_ref(ref, what)
+    vision_model = check_model_ref(vision_model, "--vision_model")
+    language_model = check_model_ref(language_model, "--language_model")
     tok = AutoTokenizer.from_pretrained(language_model, trust_remote_code=trust_remote_code)
     added = tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     vcfg = AutoConfig.from_pretrained(vision_model, trust_remote_code=trust_remote_code)
     vcfg = getattr(vcfg, "vision_config", vcfg)
-    lm = AutoModelForCausalLM.from_pretrained(language_model, trust_remote_code=trust_remote_code)
+    if smoke:
+        from llavatune.model.tiny import SMOKE_WIDTHS, shrink_config
+
+        lcfg = AutoConfig.from_pretrained(language_model, trust_remote_code=trust_remote_code)
+        shrink_config(vcfg, SMOKE_WIDTHS["vision"])
+        shrink_config(lcfg, SMOKE_WIDTHS["text"])
+        lm = AutoModelForCausalLM.from_config(lcfg, trust_remote_code=trust_remote_code)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(language_model, trust_remote_code=trust_remote_code)
     if added:
         lm.resize_token_embeddings(len(tok))
     cfg = LlavaConfig(
@@ -97,11 +102,12 @@ def compose_llava(
         projector_hidden_act="linear" if projector == "linear" else "gelu",
     )
     model = LlavaForConditionalGeneration(cfg)
-    # CLIPVisionModel / SiglipVisionModel.from_pretrained also reads the vision half of a full CLIP/SigLIP.
-    vision = type(model.model.vision_tower).from_pretrained(vision_model, trust_remote_code=trust_remote_code)
-    model.model.vision_tower.load_state_dict(vision.state_dict())
-    model.model.language_model.load_state_dict(lm.model.state_dict())
-    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    if not smoke:
+        # CLIPVisionModel / SiglipVisionModel.from_pretrained also reads the vision half of a full CLIP/SigLIP.
+        vision = type(model.model.vision_tower).from_pretrained(vision_model, trust_remote_code=trust_remote_code)
+        model.model.vision_tower.load_state_dict(vision.state_dict())
+        model.model.language_model.load_state_dict(lm.model.state_dict())
+        model.lm_head.load_state_dict(lm.lm_head.state_dict())
     ip = AutoImageProcessor.from_pretrained(vision_model)
     patch = vcfg.patch_size
     extra = 1 if "clip" in vcfg.model_type else 0
@@ -143,11 +149,13 @@ def load_base(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     device_map: Any = None,
+    what: str = "--model",
 ):
-    """Load a llava-hf model and its processor from a hub id or local dir."""
+    """Load a llava-hf model and its processor from a hub id or local dir (``what``: the flag it came from)."""
     from transformers import AutoProcessor
 
-    model = load_model(ref, dtype, quantization, trust_remote_code, attn_implementation, device_map)
+    ref = check_model_ref(ref, what)
+    model = load_model(ref, dtype, quantization, trust_remote_code, attn_implementation, device_map, what)
     processor = AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
     return model, processor
 
@@ -159,11 +167,12 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     device_map: Any = None,
+    what: str = "--model",
 ):
     """The model half of ``load_base`` (also for a bare weights directory, which has no processor)."""
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-    check_model_ref(ref)
+    ref = check_model_ref(ref, what)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -334,7 +343,7 @@ def _resolve_base(ckpt: Path, meta: dict, adapter_cfg: dict) -> str:
     if adapter_cfg.get("base_model_name_or_path"):
         candidates.append(adapter_cfg["base_model_name_or_path"])
     for c in candidates:
-        if os.path.isdir(c) or (not _is_local(c) and c.count("/") == 1):
+        if os.path.isdir(c) or is_hub_id(c):
             return c
     raise UserError(
         f"{ckpt}: the adapter's base model cannot be found (looked for {', '.join(candidates) or 'nothing recorded'}); "
@@ -356,12 +365,13 @@ def load_checkpoint(
     """
     from transformers import AutoProcessor
 
-    p = Path(path)
-    if not _is_local(str(path)):
-        model, processor = load_base(str(path), resolve_dtype(dtype), trust_remote_code=trust_remote_code)
-        return model.eval(), processor, {"kind": "full", "base_model": str(path)}
+    ref = resolve_model(str(path), "--model")
+    if not looks_local(str(path)):
+        model, processor = load_base(ref, resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+        return model.eval(), processor, {"kind": "full", "base_model": ref}
+    p = Path(ref)
     if not p.is_dir():
-        raise UserError(f"--model: {p} is not a directory")
+        raise UserError(f"--model {path}: is a file, not a model folder")
     meta = read_meta(p)
     adapter_cfg_path = p / "adapter_config.json"
     if adapter_cfg_path.is_file():
@@ -369,13 +379,15 @@ def load_checkpoint(
 
         adapter_cfg = json.loads(adapter_cfg_path.read_text())
         base = base_model or _resolve_base(p, meta, adapter_cfg)
+        base_what = "--base_model" if base_model else f"{p}: its base model (--base_model overrides it)"
         want_q = meta.get("method") == "qlora" if quantized is None else quantized
         quant = None
         torch_dtype = resolve_dtype(dtype)
         if want_q and not merge:
             q = meta.get("quantization") or {}
             quant = quantization_kwargs(q.get("bits", 4), q.get("quant_type", "nf4"), q.get("double_quant", True), torch_dtype)
-        model, processor = load_base(base, torch_dtype, quantization=quant, trust_remote_code=trust_remote_code)
+        model, processor = load_base(base, torch_dtype, quantization=quant, trust_remote_code=trust_remote_code,
+                                     what=base_what)
         if (p / "tokenizer_config.json").is_file() or (p / "processor_config.json").is_file():
             processor = AutoProcessor.from_pretrained(p, trust_remote_code=trust_remote_code)
         if not any(p.glob("adapter_model.*")):

@@ -174,26 +174,59 @@ def build_tiny(
     return model, processor
 
 
+SMOKE_WIDTHS = {"vision": 32, "text": 64}
+
+
+def shrink_config(sub, hidden: int) -> None:
+    """Make a vision or text sub-config tiny in place (2 layers, ``hidden`` wide, 4 heads), keeping its family's
+    other settings (activation, norm, rope, image and patch size, vocabulary, special token ids)."""
+    sub.hidden_size, sub.intermediate_size = hidden, hidden * 2
+    for k, val in {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}.items():
+        if hasattr(sub, k):
+            setattr(sub, k, val)
+    if hasattr(sub, "head_dim"):
+        sub.head_dim = hidden // 4
+    if hasattr(sub, "projection_dim"):
+        sub.projection_dim = hidden
+    for k in ("layer_types", "sliding_window_layers"):  # per-layer lists must match the new depth
+        if isinstance(getattr(sub, k, None), list):
+            setattr(sub, k, getattr(sub, k)[:2])
+
+
 def build_smoke(ref: str, out_dir: str | os.PathLike):
     """``--smoke``: a tiny random model of the same families as ``ref`` (2 layers, small widths) with
-    ``ref``'s own processor and tokenizer, so data, template and image-token bugs surface in seconds."""
+    ``ref``'s own processor and tokenizer, so data, template and image-token bugs surface in seconds.
+
+    ``ref`` is a llava-hf model (local folder or hub id). For ``--model compose`` see
+    ``loader.compose_llava(..., smoke=True)``."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     cfg = AutoConfig.from_pretrained(ref)
+    if not hasattr(cfg, "vision_config") or not hasattr(cfg, "text_config"):
+        from llavatune.utils import UserError
+
+        raise UserError(f"--model {ref}: a {cfg.model_type} model, not a vision-language (llava-hf) model; "
+                        "to build a new LLaVA from it use --model compose --language_model with --vision_model")
     processor = AutoProcessor.from_pretrained(ref)
-    shrink = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
-    v, t = cfg.vision_config, cfg.text_config
-    for sub, hidden in ((v, 32), (t, 64)):
-        sub.hidden_size, sub.intermediate_size = hidden, hidden * 2
-        for k, val in shrink.items():
-            if hasattr(sub, k):
-                setattr(sub, k, val)
-        if hasattr(sub, "head_dim"):
-            sub.head_dim = hidden // 4
-    if hasattr(v, "projection_dim"):
-        v.projection_dim = 32
+    shrink_config(cfg.vision_config, SMOKE_WIDTHS["vision"])
+    shrink_config(cfg.text_config, SMOKE_WIDTHS["text"])
     model = AutoModelForImageTextToText.from_config(cfg)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return model, processor
+
+
+def tiny_family(ref: str) -> str:
+    """The built-in tiny model closest to ``ref`` when its files cannot be read: 'tiny-next' for LLaVA-NeXT
+    (LLaVA-1.6: "next", "v1.6" or "1.6" in the name, or a llava_next config), 'tiny' (LLaVA-1.5 layout) otherwise."""
+    import json
+    import re
+
+    cfg = Path(ref).expanduser() / "config.json"
+    if cfg.is_file():
+        try:
+            return "tiny-next" if json.loads(cfg.read_text()).get("model_type") == "llava_next" else "tiny"
+        except (OSError, ValueError):
+            pass
+    return "tiny-next" if re.search(r"next|v?1\.6", str(ref).lower()) else "tiny"

@@ -180,8 +180,13 @@ def load_config(model: str) -> tuple[Any, str]:
     """The config (dict or transformers config) for ``model`` and a display name. Never reads weights."""
     if model == "tiny":
         return TINY, "tiny (built-in, vocabulary <= 2000)"
-    p = Path(model).expanduser()
-    if p.is_file() and p.suffix == ".json":
+    from llavatune.model.refs import looks_local, resolve_model
+
+    ref = resolve_model(model, "--model", files_ok=True)
+    p = Path(ref)
+    if looks_local(model) and p.is_file():
+        if p.suffix != ".json":
+            raise UserError(f"--model {model}: a file, but not a config.json; pass a model folder or its config.json")
         raw = json.loads(p.read_text(encoding="utf-8"))
         # a hand-written or pruned LLaVA config.json may omit keys: complete those with transformers' defaults
         return (_auto_config(raw) if raw.get("model_type") in ("llava", "llava_next") else raw), str(p)
@@ -190,8 +195,6 @@ def load_config(model: str) -> tuple[Any, str]:
             if (p / fname).is_file():
                 return _auto_config(json.loads((p / fname).read_text(encoding="utf-8"))), str(p)
         raise UserError(f"--model: {p} holds no config.json (or base_config.json of a llavatune checkpoint)")
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise UserError(f"--model: {model!r} is neither 'tiny', an existing directory / config.json, nor a hub id")
     try:
         from transformers import AutoConfig
 

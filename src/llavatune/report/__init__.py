@@ -2,6 +2,7 @@
 
     llavatune report runs/okvqa-lora
     llavatune report runs/okvqa-lora --gallery 48
+    llavatune report report.yaml              # run_dir: runs/okvqa-lora, gallery: 48
 
 ``llavatune train`` writes it at the end of every run; this command regenerates it, also while a run is
 still training (partial metrics.jsonl) or after it stopped. The report holds the config summary, trainable
@@ -27,7 +28,7 @@ __all__ = ["write_report", "ReportArgs", "main"]
 @config
 class ReportArgs:
     run_dir: Optional[str] = None
-    """The training output directory (the positional argument)."""
+    """The training output directory (the positional argument, or run_dir: in a YAML file)."""
     gallery: int = 24
     """Validation predictions shown in the gallery (from the latest eval_predictions/step-N.jsonl)."""
 
@@ -72,9 +73,11 @@ def write_report(run_dir: str | Path, params: str | None = None, gallery: int = 
 
 def main(argv: Sequence[str], prog: str) -> int:
     argv = list(argv)
-    if argv and not argv[0].startswith("-"):
-        argv = ["--run_dir", argv[0], *argv[1:]]
-    (args,) = parse_config([ReportArgs], argv, prog=prog, description=__doc__.split("\n\n")[0], allow_yaml=False)
+    # llavatune report RUN_DIR [...] or, like every command, llavatune report CONFIG.yaml [RUN_DIR] [--flag ...]
+    first = 1 if argv and argv[0].endswith((".yaml", ".yml")) and not Path(argv[0]).is_dir() else 0
+    if len(argv) > first and not argv[first].startswith("-"):
+        argv = [*argv[:first], "--run_dir", argv[first], *argv[first + 1:]]
+    (args,) = parse_config([ReportArgs], argv, prog=prog, description=__doc__.split("\n\n")[0])
     if not args.run_dir:
         raise ConfigError("RUN_DIR: the training output directory is required (llavatune report RUN_DIR)")
     path = write_report(args.run_dir, gallery=args.gallery)

@@ -73,7 +73,9 @@ def config_rows(data: RunData) -> list[tuple[str, str]]:
     if data.has_validation:
         rows.append(("best checkpoint by", f"{t.get('metric_for_best_model') or '?'} "
                                            f"({'higher' if t.get('greater_is_better', True) else 'lower'} is better)"))
-        rows.append(("generation eval", f"{fmt(e.get('generation_eval'))}, up to {fmt(e.get('eval_max_samples'))} samples"))
+        n = e.get("eval_max_samples")  # 0 or None: the whole validation set (EvalArgs.eval_max_samples)
+        rows.append(("generation eval", f"{fmt(e.get('generation_eval'))}, "
+                                        + (f"up to {fmt(n)} samples" if n else "all validation samples")))
     return rows
 
 

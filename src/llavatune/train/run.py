@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llavatune.config import ConfigError, parse_config, save_resolved
+from llavatune.config import CONFIG_FILE, ConfigError, parse_config, save_resolved
 from llavatune.data.encode import Encoder, LlavaCollator, LlavaDataset
 from llavatune.data.records import Record, Validation, image_root, normalize_image_placement, validate_data
 from llavatune.data.show import first_sample
@@ -44,7 +44,6 @@ from llavatune.utils import (
 )
 
 logger = logging.getLogger("llavatune")
-CONFIG_FILE = "llavatune_config.yaml"
 RUN_FILE = "llavatune_run.json"  # the run's fingerprint and status ("running" / "finished")
 IMAGE_CHECKS_FILE = "image_checks.json"
 SKIPPED_FILE = "skipped_records.jsonl"
@@ -74,6 +73,9 @@ def validate(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArg
             raise ConfigError(f"--{name}: {value} does not exist")
     if margs.model == "compose" and not (margs.vision_model and margs.language_model):
         raise ConfigError("--model compose needs --vision_model and --language_model")
+    if mthd.zero:
+        deepspeed_config(mthd.zero)  # an unknown name fails here, before anything is set up
+    check_model_refs(margs, mthd.smoke)
     if mthd.method == "qlora" and mthd.stage == "finetune":
         if mthd.zero and "zero3" in mthd.zero:
             raise ConfigError("--method qlora with --zero zero3: use zero2 (ZeRO-3 cannot shard bitsandbytes weights)")
@@ -89,6 +91,108 @@ def validate(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArg
         raise ConfigError("--early_stopping_patience needs --val_data")
     if targs.metric_for_best_model and not dargs.val_data:
         raise ConfigError("--metric_for_best_model needs --val_data")
+
+
+def check_model_refs(margs: ModelArgs, smoke: bool) -> None:
+    """Fail before anything is written when a model reference cannot be used (``llavatune.model.refs``): a local
+    path that does not exist ("no such folder"), or a hub id the hub cannot serve. With ``--smoke`` an unreachable
+    hub is no error: ``build_smoke_base`` falls back to the tiny model."""
+    from llavatune.model.refs import hub_available, looks_local, resolve_model
+
+    refs = [("--vision_model", margs.vision_model), ("--language_model", margs.language_model)]
+    if margs.model not in ("tiny", "tiny-next", "compose"):
+        refs = [("--model", margs.model)]
+    elif margs.model != "compose":
+        refs = []
+    for what, ref in refs:
+        if ref and smoke and not looks_local(ref):
+            hub_available(ref, what)  # an unknown or gated repository is an error; an unreachable hub is not
+        elif ref:
+            resolve_model(ref, what)
+    if margs.pretrained_projector and not Path(margs.pretrained_projector).expanduser().exists():
+        raise UserError(f"--pretrained_projector {margs.pretrained_projector}: no such file or folder")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers, CPU-only machines and --smoke
+
+
+def launched() -> bool:
+    """Started by a launcher (torchrun, accelerate launch, deepspeed): they set LOCAL_RANK / WORLD_SIZE."""
+    return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
+def _say(message: str) -> None:
+    """Log once per job (rank 0), also before torch.distributed is up."""
+    if (os.environ.get("RANK") or "0") == "0":
+        logger.info(message)
+
+
+def device_options(values: dict) -> None:
+    """What ``TrainingArguments``' constructor depends on, decided on the raw options (``parse_config``'s adjust).
+
+    Without a GPU: several processes train data-parallel on CPU (``use_cpu`` makes accelerate join them with gloo;
+    otherwise every rank believes it is alone and trains on all the data), and ``--smoke`` turns bf16/fp16 autocast
+    off (``TrainingArguments`` refuses it without a GPU). One log line for each change."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if world_size() > 1 and not values.get("use_cpu"):
+        values["use_cpu"] = True
+        _say(f"no GPU: the {world_size()} processes train data-parallel on CPU (gloo backend), each on its share of "
+             "the data")
+    for flag in ("bf16", "fp16"):
+        if not values.get(flag):
+            continue
+        if values.get("smoke"):
+            values[flag] = False
+            _say(f"--smoke: --{flag} turned off (no {flag} autocast without a GPU)")
+        elif not values.get("use_cpu"):
+            raise ConfigError(f"--{flag}: this machine has no GPU; pass --{flag} false to train in fp32 on the CPU"
+                              + (", --use_cpu true for CPU bf16 autocast" if flag == "bf16" else "")
+                              + ", or --smoke for a 3-step check of the recipe")
+
+
+def smoke_options(mthd: MethodArgs, eargs: EvalArgs, targs: LlavaTrainingArguments, val_data: str | None):
+    """``--smoke``: 3 steps, nothing saved or evaluated, and off what one process without evaluation cannot do.
+
+    Returns ``(mthd, eargs, training-argument changes)``; logs one line per option turned off."""
+    changes = dict(max_steps=3, save_strategy="no", eval_strategy="no", load_best_model_at_end=False,
+                   metric_for_best_model=None)
+    if mthd.zero and not launched():
+        _say(f"--smoke without a launcher: DeepSpeed (--zero {mthd.zero}) turned off; launch with torchrun or "
+             "deepspeed to smoke-test it too")
+        mthd = dataclasses.replace(mthd, zero=None)
+    if eargs.early_stopping_patience is not None:
+        _say("--smoke: early stopping (--early_stopping_patience) turned off: a smoke run does not evaluate")
+        eargs = dataclasses.replace(eargs, early_stopping_patience=None)
+    if targs.metric_for_best_model or targs.load_best_model_at_end:
+        _say("--smoke: best-checkpoint selection (--metric_for_best_model / --load_best_model_at_end) turned off: "
+             "a smoke run does not evaluate")
+    if val_data:
+        _say("--smoke: no evaluation; the validation data is read, encoded and self-checked like the training data")
+    return mthd, eargs, changes
+
+
+def one_process_world() -> None:
+    """``--zero`` in a plain ``llavatune train`` (no launcher): DeepSpeed needs a process group even for one process
+    and would otherwise look for MPI (``mpi4py``). Set what torchrun sets for a world of one."""
+    import socket
+
+    if launched():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    logger.info("--zero without a launcher: DeepSpeed runs as a world of one process (launch with torchrun, "
+                "accelerate launch or deepspeed for several)")
 
 
 @contextmanager
@@ -108,20 +212,60 @@ def zero3_init_disabled():
         hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
-def build_base(margs: ModelArgs, mthd: MethodArgs, base_dir: Path, texts: list[str]) -> None:
+def build_base(margs: ModelArgs, mthd: MethodArgs, base_dir: Path, texts: list[str], template: str = "auto") -> None:
     """Write the starting llava-hf model for --model tiny, --model compose or --smoke into ``base_dir``."""
     from llavatune.model import loader
-    from llavatune.model.tiny import build_smoke, build_tiny
+    from llavatune.model.tiny import build_tiny
 
     if margs.model in ("tiny", "tiny-next"):
         build_tiny(texts, base_dir, next=margs.model == "tiny-next")
     elif mthd.smoke:
-        build_smoke(margs.language_model if margs.model == "compose" else margs.model, base_dir)
+        build_smoke_base(margs, base_dir, texts, template)
     else:
         loader.compose_llava(
             margs.vision_model, margs.language_model, base_dir, margs.projector,
             margs.vision_feature_layer, margs.vision_feature_select_strategy, margs.trust_remote_code,
         )
+
+
+def build_smoke_base(margs: ModelArgs, base_dir: Path, texts: list[str], template: str) -> None:
+    """``--smoke``'s model: tiny and random, of the same families as the configured one.
+
+    With the real files at hand (a local folder, or the hub / its cache) it keeps the real processor, tokenizer and
+    chat template (``build_smoke``; for ``compose`` the language model's tokenizer and the vision model's image
+    processor). When the hub cannot be reached (or ``HF_HUB_OFFLINE=1``) and nothing is cached, it falls back to the
+    built-in tiny model of the family ('tiny-next' for LLaVA-NeXT, else 'tiny') with the configured template, and
+    says so. A reference the hub does not know (a typo) is an error, never a fallback."""
+    from llavatune.model import loader
+    from llavatune.model.refs import hub_available, looks_local
+    from llavatune.model.tiny import build_smoke, build_tiny, tiny_family
+
+    if margs.model == "compose":
+        refs = [("--vision_model", margs.vision_model), ("--language_model", margs.language_model)]
+    else:
+        refs = [("--model", margs.model)]
+    missing = [ref for what, ref in refs if not (looks_local(ref) or hub_available(ref, what))]
+    if not missing:
+        if margs.model == "compose":
+            loader.compose_llava(margs.vision_model, margs.language_model, base_dir, margs.projector,
+                                 margs.vision_feature_layer, margs.vision_feature_select_strategy,
+                                 margs.trust_remote_code, smoke=True)
+        else:
+            build_smoke(margs.model, base_dir)
+        logger.info(f"--smoke: a tiny random model with the processor and tokenizer of {' + '.join(r for _, r in refs)}")
+        return
+    family = "tiny" if margs.model == "compose" else tiny_family(margs.model)
+    why = "HF_HUB_OFFLINE=1" if _offline() else "the Hugging Face hub cannot be reached"
+    logger.info(f"--smoke offline ({why}; not cached: {', '.join(missing)}): using the built-in '{family}' model with "
+                f"--template {template} instead of the real processor and tokenizer; run --smoke with network to check "
+                "those too")
+    build_tiny(texts, base_dir, next=family == "tiny-next")
+
+
+def _offline() -> bool:
+    from llavatune.model.refs import offline
+
+    return offline()
 
 
 def load_split(path: str, image_folder: str | None, name: str = "train", max_bad_records: float = 0.0,
@@ -358,6 +502,9 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         finish_checkpoint,
     )
 
+    smoke_changes = {}
+    if mthd.smoke:
+        mthd, eargs, smoke_changes = smoke_options(mthd, eargs, targs, dargs.val_data)
     validate(margs, dargs, mthd, eargs, targs)
 
     # Training arguments that depend on the options above. Set before the model loads: with ZeRO-3 the
@@ -365,13 +512,16 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     changes = {}
     if not dargs.val_data and targs.eval_strategy != "no":
         changes["eval_strategy"] = "no"
+    if not torch.cuda.is_available() and world_size() > 1 and not targs.use_cpu:
+        changes["use_cpu"] = True  # data-parallel on CPU (gloo); see device_options, which main() applies earlier
     if mthd.zero:
         changes["deepspeed"] = deepspeed_config(mthd.zero)
+        one_process_world()
         if not torch.cuda.is_available():
             # accelerate sets up DeepSpeed's world only through a GPU backend; on CPU-only machines it needs
             # use_cpu to pick gloo (else every rank believes it is alone and no data is sharded).
             changes["use_cpu"] = True
-    if dargs.val_data and targs.eval_strategy != "no":
+    if dargs.val_data and targs.eval_strategy != "no" and not mthd.smoke:
         # Best checkpoint by the task metric, restored at the end (HF needs a metric and matching strategies).
         gen = eargs.generation_eval and mthd.stage == "finetune"
         metric = targs.metric_for_best_model or ("vqa_accuracy" if gen else "loss")
@@ -380,8 +530,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
             changes["greater_is_better"] = "loss" not in metric
         if targs.load_best_model_at_end is None:
             changes["load_best_model_at_end"] = targs.save_strategy == targs.eval_strategy
-    if mthd.smoke:
-        changes.update(max_steps=3, save_strategy="no", eval_strategy="no", load_best_model_at_end=False)
+    changes.update(smoke_changes)
     if targs.report_to and "tensorboard" in targs.report_to:
         try:
             import tensorboard  # noqa: F401
@@ -423,12 +572,13 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     # Model: turn --model into a llava-hf directory or hub id, then load (quantized for QLoRA)
     base_dir = out / "base_model"
     texts = loader.collect_texts(train_records + val_records)
+    template = "plain" if mthd.stage == "pretrain" else dargs.template
     if margs.model in ("tiny", "tiny-next", "compose") or mthd.smoke:
         with targs.main_process_first(desc="build base model"):
             # resuming reuses the very same base (and tokenizer)
             if targs.process_index == 0 and not (base_dir / "config.json").is_file():
                 with zero3_init_disabled():
-                    build_base(margs, mthd, base_dir, texts)
+                    build_base(margs, mthd, base_dir, texts, template)
         base_ref = str(base_dir.resolve())
     else:
         base_ref = margs.model
@@ -456,7 +606,6 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     logger.info(loader.parameter_summary(model))
 
     # Tokenize, mask and self-check before any training step
-    template = "plain" if mthd.stage == "pretrain" else dargs.template
     encoder = Encoder(processor, template=template, max_length=dargs.max_length, truncation=dargs.truncation)
     train_ds = LlavaDataset(train_records, encoder, train_roots, name="train", prior_skipped=n_prior["train"])
     val_ds = (LlavaDataset(val_records, encoder, val_roots, name="validation", prior_skipped=n_prior["validation"])
@@ -546,7 +695,8 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
 
 
 def main(argv: list[str], prog: str) -> int:
-    margs, dargs, mthd, eargs, targs = parse_config(SECTIONS, argv, prog=prog, description=__doc__.split("\n\n")[0])
+    margs, dargs, mthd, eargs, targs = parse_config(SECTIONS, argv, prog=prog, description=__doc__.split("\n\n")[0],
+                                                    adjust=device_options)
     train(margs, dargs, mthd, eargs, targs)
     finish_distributed()
     return 0
