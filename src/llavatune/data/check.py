@@ -216,6 +216,15 @@ def _load_processor(model: str):
     return processor, tokenizer
 
 
+def _check_family(model: str, processor) -> None:
+    """A processor of a family llavatune knows but does not train yet: one line, as ``train`` would say."""
+    from llavatune.model.families import family_of_processor, require
+
+    fam = family_of_processor(processor)
+    if fam is not None and not fam.supported:
+        require(fam.name, f"--model {model}")
+
+
 def _outcome(encoder, rec, sizes, truncation: str) -> tuple[bool, str]:
     """``(over, what training does)`` for a sample the estimate puts over --max_length, from the real encoder
     with the configured truncation when there is one, else from the policy alone."""
@@ -258,19 +267,25 @@ def _measure_lengths(report: CheckReport, entries: list[Entry], model: str, max_
     from llavatune.utils import resolve_under
 
     processor, tokenizer = _load_processor(model)
+    if processor is not None:
+        _check_family(model, processor)
     note = None
-    try:
-        per_image = image_tokens_per_image(processor) if processor is not None else 0
-        if processor is None:
-            note = "tokenizer only: image tokens not counted"
-    except ValueError as e:
-        per_image, note = 0, f"image tokens not counted: {e}"
     encoder = None
     if processor is not None:
         try:
             encoder = Encoder(processor, template=template, max_length=max_length, truncation=truncation)
         except (ValueError, TypeError):
             encoder = None
+    try:
+        if encoder is not None and encoder.by_processor:
+            # dynamic resolution (Qwen-VL), begin/end markers (Gemma 3): the processor's own count, per image size
+            per_image, note = "varies", "counted per image from its size, as the processor expands it"
+        else:
+            per_image = image_tokens_per_image(processor) if processor is not None else 0
+        if processor is None:
+            note = "tokenizer only: image tokens not counted"
+    except ValueError as e:
+        per_image, note = 0, f"image tokens not counted: {e}"
     clean = [e for e in entries if e.record is not None and e.ok]
     texts = ["\n".join(t.value.replace(IMAGE_TOKEN, "") for t in e.record.conversations) for e in clean]
     n_text: list[int] = []
@@ -278,15 +293,20 @@ def _measure_lengths(report: CheckReport, entries: list[Entry], model: str, max_
         n_text += [len(ids) for ids in tokenizer(texts[start : start + 1000], add_special_tokens=True)["input_ids"]]
     totals = []
     over = 0
-    # LLaVA-NeXT tiles each image by its size: count its real tokens from the image header
-    variable = processor is not None and has_variable_image_tokens(processor)
+    # LLaVA-NeXT tiles each image by its size, Qwen-VL resizes it to a multiple of its patch grid: count its real
+    # tokens from the image header
+    variable = processor is not None and (has_variable_image_tokens(processor) or (encoder is not None and
+                                                                                  encoder.variable_image_tokens))
     for ent, nt in zip(clean, n_text):
         sizes = None
         if variable and ent.record.images:
             sizes = [image_size(resolve_under(root, p)) for p in ent.record.images]
-            n_img = sum(anyres_image_tokens(processor, sizes))
+            if encoder is not None:
+                n_img = sum(encoder.image_token_counts(sizes, len(sizes)))
+            else:
+                n_img = sum(anyres_image_tokens(processor, sizes))
         else:
-            n_img = per_image * len(ent.record.images)
+            n_img = per_image * len(ent.record.images) if isinstance(per_image, int) else 0
         total = nt + n_img
         totals.append(total)
         if total > max_length:

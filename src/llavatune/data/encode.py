@@ -22,7 +22,7 @@ import torch
 
 from llavatune.data.images import ImageError, open_image
 from llavatune.data.records import IMAGE_TOKEN, Record, Turn, record_problems
-from llavatune.data.templates import get_segmenter
+from llavatune.data.templates import ChatTemplateSegmenter, canonical, get_segmenter
 from llavatune.utils import UserError, resolve_under
 
 IGNORE_INDEX = -100
@@ -135,7 +135,15 @@ class Fitted:
 
 @dataclass
 class Encoder:
-    """Tokenize conversations segment by segment. ``encode`` for training, ``prompt_ids`` for generation."""
+    """Tokenize conversations segment by segment. ``encode`` for training, ``prompt_ids`` for generation.
+
+    The model family (``llavatune.model.families``, from the processor's class) decides how an image placeholder
+    becomes tokens: LLaVA-style families repeat the image token as many times as the vision tower yields features
+    (``expansion == "count"``); the others take the processor's own replacement text for an image of that size
+    (``"processor"``: Qwen-VL's ``<|vision_start|><|image_pad|>*n<|vision_end|>`` with ``n`` from the image grid,
+    Gemma 3's ``<start_of_image>`` + soft tokens + ``<end_of_image>``, ...), computed once per image size from a blank
+    image of that size, so prompts are exactly what ``processor(text=..., images=...)`` builds.
+    """
 
     processor: Any
     template: str = "auto"
@@ -143,25 +151,92 @@ class Encoder:
     truncation: str = "drop"  # "drop" | "truncate"
 
     def __post_init__(self):
+        from llavatune.model.families import FAMILIES, family_of_processor
+
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        self.segmenter = get_segmenter(self.template, self.processor)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.variable_image_tokens = has_variable_image_tokens(self.processor)
-        self.n_image_tokens = 0 if self.variable_image_tokens else image_tokens_per_image(self.processor)
-        self.eos = self.tokenizer.eos_token or ""
+        self.family = family_of_processor(self.processor)
+        fam = self.family or FAMILIES["llava"]  # a processor of no known family: the LLaVA conventions
+        template = canonical(self.template)
+        if template == "auto" and fam.template and not _has_chat_template(self.processor):
+            template = fam.template  # e.g. PaliGemma: no chat template, its own prompt format
+        self.fallback_template = fam.template
+        self.segmenter = get_segmenter(template, self.processor)
+        self.placeholder = fam.placeholder
+        self.by_processor = fam.expansion == "processor" and self.family is not None
+        self.token_types = fam.token_types if self.family is not None else None
+        self.token_type_rule = fam.token_type_rule
+        self.image_inputs = fam.image_inputs
+        self.collate_rules = dict(fam.collate)
+        self._expansions: dict[tuple[int, int], str] = {}
+        if self.by_processor:
+            # the token the processor replaces (Qwen: <|image_pad|> inside the placeholder; Gemma 3: <start_of_image>)
+            self.expand_token = self.processor.image_token
+            self.image_token_id = _token_id(self.tokenizer, getattr(self.tokenizer, "image_token", None)) \
+                or self.tokenizer.convert_tokens_to_ids(self.expand_token)
+            self.image_token_ids = {i for i in getattr(self.processor, "image_token_ids", [self.image_token_id]) if i is not None}
+            probe = self._expansion(64, 64)  # the markers around an image count as image tokens (never cut)
+            specials = set(self.tokenizer.all_special_tokens) | set(getattr(self.tokenizer, "added_tokens_encoder", {}))
+            self.image_token_ids |= {self.tokenizer.convert_tokens_to_ids(t) for t in specials
+                                     if t and (t in probe or t in self.placeholder)}
+            self.variable_image_tokens = True
+            self.n_image_tokens = 0
+        else:
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+            self.image_token_ids = {self.image_token_id}
+            self.variable_image_tokens = has_variable_image_tokens(self.processor)
+            self.n_image_tokens = 0 if self.variable_image_tokens else image_tokens_per_image(self.processor)
+        # the end-of-turn marker supervised after each answer: the family's (<|im_end|>, <end_of_turn>, ...) when the
+        # tokenizer has it as one token, else the tokenizer's EOS
+        ends = [t for t in fam.end_of_turn if _token_id(self.tokenizer, t) is not None]
+        self.eos = ends[0] if ends else (self.tokenizer.eos_token or "")
+        stops = [_token_id(self.tokenizer, t) for t in ends] + [self.tokenizer.eos_token_id]
+        self.stop_token_ids = list(dict.fromkeys(i for i in stops if i is not None))
         image_processor = getattr(self.processor, "image_processor", None)
         self.image_processor = pil_image_processor(image_processor) if image_processor is not None else None
         probe = self.tokenizer("a").input_ids
         bos = self.tokenizer.bos_token_id
         self.bos = [bos] if bos is not None and probe and probe[0] == bos else []
 
+    # ------------------------------------------------------------------------------------------- image tokens
+    def _expansion(self, h: int, w: int) -> str:
+        """The processor's replacement text for one image of ``h`` x ``w`` pixels (cached per size)."""
+        key = (int(h), int(w))
+        if key not in self._expansions:
+            from PIL import Image
+
+            blank = Image.new("RGB", (key[1], key[0]))
+            out = self.processor(text=[self.expand_token], images=[blank], return_text_replacement_offsets=True)
+            offsets = out.get("text_replacement_offsets") or [[]]
+            if not offsets[0]:
+                raise ValueError(f"{type(self.processor).__name__} did not say how it expands {self.expand_token}")
+            self._expansions[key] = offsets[0][0]["replacement"]
+        return self._expansions[key]
+
     def image_token_counts(self, image_sizes: list[tuple[int, int]] | None, n: int) -> list[int]:
-        """Tokens for each of ``n`` images; LLaVA-NeXT needs each image's (height, width)."""
+        """Tokens for each of ``n`` images; variable-resolution families need each image's (height, width)."""
         if not self.variable_image_tokens:
             return [self.n_image_tokens] * n
         if image_sizes is None or len(image_sizes) != n:
-            raise ValueError("LLaVA-NeXT prompts need the (height, width) of every image")
+            raise ValueError("this model's prompts need the (height, width) of every image")
+        if self.by_processor:
+            return [len(self.tokenizer(self._expansion(*s), add_special_tokens=False).input_ids) for s in image_sizes]
         return anyres_image_tokens(self.processor, image_sizes)
+
+    def _n_images(self, text: str) -> int:
+        return text.count(self.expand_token) if self.by_processor else text.count(IMAGE_TOKEN)
+
+    def render(self, turns: list[Turn], gen: bool) -> list[tuple[str, bool]]:
+        """The template's segments, each image placeholder written as the family's chat templates write it."""
+        segments = self.segmenter(turns, self.eos, gen)
+        if self.placeholder != IMAGE_TOKEN and not isinstance(self.segmenter, ChatTemplateSegmenter):
+            segments = [(text.replace(IMAGE_TOKEN, self.placeholder), s) for text, s in segments]
+        return segments
+
+    def _starts_with_bos(self, segments) -> bool:
+        """The rendered text already holds the BOS token (Gemma 3's chat template writes it): add no other."""
+        bos = self.tokenizer.bos_token
+        text = next((t for t, _ in segments if t), "")
+        return bool(bos) and text.startswith(bos)
 
     def _ids(self, text: str, counts: list[int]) -> list[int]:
         out: list[int] = []
@@ -173,14 +248,18 @@ class Encoder:
         return out
 
     def tokenize_segments(self, segments: list[tuple[str, bool]], counts: list[int]) -> tuple[list[int], list[bool]]:
-        """Token ids of the joined segments (no BOS) and, per token, whether it is supervised.
+        """Token ids of the joined segments (no BOS) and, per token, whether it is supervised (``counts``: image
+        tokens per image for LLaVA-style families, each image's (height, width) for processor-expanded ones).
 
         As the original LLaVA's ``tokenizer_image_token`` does, the text is split on ``<image>`` and each chunk is
         tokenized whole: tokenizing segment by segment would give a SentencePiece tokenizer a fresh ``▁`` at every
         segment start (``" a</s>"`` alone is ``▁``, ``▁a``; after ``ASSISTANT:`` it is ``▁a``). A token is supervised
         when it starts inside a supervised segment (character offsets). Tokenizers without offsets (Python
-        backends) fall back to segment-by-segment tokenization.
+        backends) fall back to segment-by-segment tokenization. Processor-expanded families: the placeholders are
+        replaced by the processor's text and the whole prompt is tokenized in one go, as the processor does.
         """
+        if self.by_processor:
+            return self._tokenize_expanded(segments, counts)
         if not getattr(self.tokenizer, "is_fast", False):
             ids: list[int] = []
             mask: list[bool] = []
@@ -208,14 +287,38 @@ class Encoder:
             pos += len(chunk)
         return ids, mask
 
-    def _counts(self, turns: list[Turn], image_sizes) -> list[int]:
+    def _tokenize_expanded(self, segments, sizes: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+        text, spans = "", []
+        for seg, supervised in segments:
+            pieces = seg.split(self.expand_token)
+            out = pieces[0]
+            for piece in pieces[1:]:
+                out += self._expansion(*sizes.pop(0)) + piece
+            if supervised and out:
+                spans.append((len(text), len(text) + len(out)))
+            text += out
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(f"{type(self.tokenizer).__name__}: a fast tokenizer (tokenizer.json) is needed")
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        mask = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
+        return list(enc["input_ids"]), mask
+
+    def _counts(self, turns: list[Turn], image_sizes) -> list:
+        """What :meth:`tokenize_segments` consumes per image: token counts, or (processor-expanded) image sizes."""
         n = sum(t.value.count(IMAGE_TOKEN) for t in turns)
-        return self.image_token_counts(image_sizes, n) if n else []
+        if not n:
+            return []
+        if self.by_processor:
+            if image_sizes is None or len(image_sizes) != n:
+                raise ValueError("this model's prompts need the (height, width) of every image")
+            return [tuple(s) for s in image_sizes]
+        return self.image_token_counts(image_sizes, n)
 
     def _encode_all(self, turns: list[Turn], image_sizes) -> tuple[list[int], list[int]]:
-        ids, labels = list(self.bos), [IGNORE_INDEX] * len(self.bos)
-        counts = self._counts(turns, image_sizes)
-        seg, mask = self.tokenize_segments(self.segmenter(turns, self.eos, False), counts)
+        segments = self.render(turns, False)
+        bos = [] if self._starts_with_bos(segments) else list(self.bos)
+        ids, labels = bos, [IGNORE_INDEX] * len(bos)
+        seg, mask = self.tokenize_segments(segments, self._counts(turns, image_sizes))
         ids += seg
         labels += [x if m else IGNORE_INDEX for x, m in zip(seg, mask)]
         return ids, labels
@@ -253,7 +356,7 @@ class Encoder:
         sub = list(turns[: ends[0]]) if ends else list(turns)
         ids, labels = self._encode_all(sub, sizes_for(sub))
         cut = self.max_length
-        if self.image_token_id in ids[cut:]:
+        if any(x in self.image_token_ids for x in ids[cut:]):
             raise SampleSkipped(
                 "image-tokens-cut", f"max_length={self.max_length} would cut through image tokens ({n} tokens)"
             )
@@ -265,22 +368,59 @@ class Encoder:
         return Fitted(sub, ids, labels, cut=True)
 
     def supervised_text(self, turns: list[Turn]) -> str:
-        return "".join(t for t, s in self.segmenter(turns, self.eos, False) if s)
+        return "".join(t for t, s in self.render(turns, False) if s)
 
     def prompt_ids(self, turns: list[Turn], image_sizes: list[tuple[int, int]] | None = None) -> list[int]:
         """Token ids of the prompt for generating the next assistant turn (``turns`` ends with human)."""
-        ids = list(self.bos)
-        counts = self._counts(turns, image_sizes)
-        ids += self.tokenize_segments(self.segmenter(turns, self.eos, True), counts)[0]
+        segments = self.render(turns, True)
+        ids = [] if self._starts_with_bos(segments) else list(self.bos)
+        ids += self.tokenize_segments(segments, self._counts(turns, image_sizes))[0]
         return ids
 
+    # ------------------------------------------------------------------------------------------- model inputs
     def pixel_inputs(self, images: list) -> dict[str, torch.Tensor]:
-        """``pixel_values`` (and ``image_sizes`` for LLaVA-NeXT) for a sample's images."""
+        """What the image processor gives the model for a sample's images: ``pixel_values`` and the family's other
+        image inputs (``image_sizes`` for LLaVA-NeXT/OneVision, ``image_grid_thw`` for Qwen-VL, ...)."""
         out = self.image_processor(images, return_tensors="pt")
-        item = {"pixel_values": out["pixel_values"]}
-        if "image_sizes" in out:
-            item["image_sizes"] = out["image_sizes"]
+        keep = set(self.image_inputs) | {"pixel_values", "image_sizes"}
+        return {k: out[k] for k in out if k in keep}
+
+    def token_type_ids(self, ids: list[int], labels: list[int] | None = None) -> list[int]:
+        """The family's per-token types for ``ids``: 'image' marks the processor's image tokens (its own
+        create_mm_token_type_ids); 'prefix_lm' is 0 on the prompt and 1 from the first supervised token on."""
+        if self.token_type_rule == "prefix_lm":
+            first = next((i for i, x in enumerate(labels or ()) if x != IGNORE_INDEX), len(ids))
+            return [0] * first + [1] * (len(ids) - first)
+        return list(self.processor.create_mm_token_type_ids([ids])[0])
+
+    def features(self, ids: list[int], labels: list[int] | None = None, images: list | None = None) -> dict[str, Any]:
+        """One sample as the collator takes it: ``input_ids`` (and ``labels``), the image inputs, and the family's
+        per-token types (``token_types``)."""
+        item: dict[str, Any] = {"input_ids": torch.tensor(ids, dtype=torch.long)}
+        if labels is not None:
+            item["labels"] = torch.tensor(labels, dtype=torch.long)
+        if images:
+            item.update(self.pixel_inputs(images))
+        if self.token_types:
+            item[self.token_types] = torch.tensor(self.token_type_ids(ids, labels), dtype=torch.long)
         return item
+
+    def collator(self, padding_side: str = "right") -> LlavaCollator:
+        return LlavaCollator(self.tokenizer.pad_token_id, padding_side, rules=self.collate_rules)
+
+
+def _token_id(tokenizer: Any, token: str | None) -> int | None:
+    """The id of ``token`` when the tokenizer knows it as one token, else None."""
+    if not token:
+        return None
+    i = tokenizer.convert_tokens_to_ids(token)
+    if i is None or (i == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None
+    return i
+
+
+def _has_chat_template(processor: Any) -> bool:
+    return any(getattr(o, "chat_template", None) for o in (processor, getattr(processor, "tokenizer", None)) if o is not None)
 
 
 def check_masking(encoder: Encoder, turns: list[Turn], labels: list[int], cut: bool = False) -> str | None:
@@ -378,10 +518,7 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.samples[i]
-        item: dict[str, Any] = {
-            "input_ids": torch.tensor(s.input_ids, dtype=torch.long),
-            "labels": torch.tensor(s.labels, dtype=torch.long),
-        }
+        images = None
         if s.image_paths:
             try:
                 images = [open_image(p) for p in s.image_paths]
@@ -389,25 +526,59 @@ class LlavaDataset(torch.utils.data.Dataset):
                 rec = self.records[s.index]
                 raise UserError(f"{self.name} record {rec.ref}: {e} (the file changed after it was verified at the "
                                 "start of the run); run 'llavatune check' on the data") from None
-            item.update(self.encoder.pixel_inputs(images))
-        return item
+        return self.encoder.features(s.input_ids, s.labels, images)
+
+
+# Per-token inputs some families need next to input_ids (padded like them, with 0).
+TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(tensors, dim=0)
+
+
+def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Zero-pad every dimension but the first to the batch's largest size, then concatenate (LLaVA-NeXT's tile axis:
+    the model drops the padding using image_sizes, as LlavaNextProcessor does for a batch)."""
+    dims = tensors[0].dim()
+    top = [max(t.shape[d] for t in tensors) for d in range(dims)]
+    out = []
+    for t in tensors:
+        pad: list[int] = []
+        for d in reversed(range(1, dims)):
+            pad += [0, top[d] - t.shape[d]]
+        out.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return torch.cat(out, dim=0)
+
+
+# How per-sample tensors other than the token ones become a batch, by rule name (a family's ``collate`` entry).
+COLLATE_RULES = {"cat": _cat, "pad_cat": _pad_cat}
 
 
 class LlavaCollator:
     """Pad a list of samples into a batch.
 
-    Input: dicts with ``input_ids`` (L_i,), ``labels`` (L_i,) and, for samples with images,
-    ``pixel_values`` (n_images_i, 3, H, W).
-    Output: ``input_ids`` (B, L) padded with ``pad_token_id``, ``attention_mask`` (B, L) 1 on real
-    tokens, ``labels`` (B, L) padded with -100, and ``pixel_values`` (sum n_images_i, 3, H, W) in
-    sample order (the model fills image-token positions in reading order), absent when no sample has
-    an image. LLaVA-NeXT samples carry (n_images_i, n_tiles, 3, H, W) pixel values, padded here to the
-    batch's largest tile count, and ``image_sizes`` (sum n_images_i, 2). ``padding_side`` is "right" for training, "left" for batched generation.
+    Input: dicts with ``input_ids`` (L_i,), ``labels`` (L_i,), the family's per-token types (L_i,) and, for samples
+    with images, the image processor's outputs for their images.
+    Output: ``input_ids`` (B, L) padded with ``pad_token_id``, ``attention_mask`` (B, L) 1 on real tokens, ``labels``
+    (B, L) padded with -100, ``token_type_ids`` / ``mm_token_type_ids`` (B, L) padded with 0 (Gemma 3 and PaliGemma /
+    Qwen-VL), and the image inputs of the samples that have images, in sample order (the model fills image-token
+    positions in reading order), absent when no sample has an image:
+
+    - ``pixel_values``: LLaVA, PaliGemma, Gemma 3 (sum n_images_i, 3, H, W); LLaVA-NeXT/OneVision (sum n_images_i,
+      max n_tiles, 3, H, W), the tile axis zero-padded to the batch's largest ('pad_cat'); Qwen-VL (sum of patches,
+      channels x temporal_patch x patch x patch): every image's patches one after the other.
+    - ``image_sizes`` (sum n_images_i, 2): LLaVA-NeXT/OneVision, each image's (height, width).
+    - ``image_grid_thw`` (sum n_images_i, 3): Qwen-VL, each image's (frames, rows, columns) of patches.
+
+    Keys are concatenated over the samples ('cat') unless ``rules`` (a family's ``collate``) name another rule of
+    ``COLLATE_RULES``. ``padding_side`` is "right" for training, "left" for batched generation.
     """
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+    def __init__(self, pad_token_id: int, padding_side: str = "right", rules: dict[str, str] | None = None):
         self.pad_token_id = pad_token_id
         self.padding_side = padding_side
+        self.rules = rules
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = max(len(f["input_ids"]) for f in features)
@@ -416,6 +587,8 @@ class LlavaCollator:
         attention = torch.zeros((B, n), dtype=torch.long)
         has_labels = "labels" in features[0]
         labels = torch.full((B, n), IGNORE_INDEX, dtype=torch.long)
+        token_keys = [k for k in TOKEN_KEYS if k in features[0]]
+        types = {k: torch.zeros((B, n), dtype=torch.long) for k in token_keys}
         for b, f in enumerate(features):
             L = len(f["input_ids"])
             sl = slice(0, L) if self.padding_side == "right" else slice(n - L, n)
@@ -423,16 +596,18 @@ class LlavaCollator:
             attention[b, sl] = 1
             if has_labels:
                 labels[b, sl] = f["labels"]
-        batch = {"input_ids": input_ids, "attention_mask": attention}
+            for k in token_keys:
+                types[k][b, sl] = f[k]
+        batch = {"input_ids": input_ids, "attention_mask": attention, **types}
         if has_labels:
             batch["labels"] = labels
+        rules = dict(self.rules or {})
         pixels = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
-        if pixels:
-            if pixels[0].dim() == 5 or (pixels[0].dim() == 4 and "image_sizes" in features[0]):
-                # LLaVA-NeXT: (n_images, n_tiles, 3, H, W) with n_tiles varying by image; pad the tile axis (the
-                # model drops the padding using image_sizes), as LlavaNextProcessor does for a batch.
-                tiles = max(p.shape[1] for p in pixels)
-                pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels]
-                batch["image_sizes"] = torch.cat([f["image_sizes"] for f in features if f.get("image_sizes") is not None])
-            batch["pixel_values"] = torch.cat(pixels, dim=0)
+        if pixels and self.rules is None and (pixels[0].dim() == 5 or (pixels[0].dim() == 4 and "image_sizes" in features[0])):
+            rules["pixel_values"] = "pad_cat"  # LLaVA-NeXT's (n_images, n_tiles, 3, H, W) without a family's rules
+        keys = dict.fromkeys(k for f in features for k in f if k not in ("input_ids", "labels", *token_keys))
+        for key in keys:
+            values = [f[key] for f in features if f.get(key) is not None]
+            if values:
+                batch[key] = COLLATE_RULES[rules.get(key, "cat")](values)
         return batch

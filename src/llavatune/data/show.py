@@ -67,8 +67,10 @@ def template_label(encoder) -> str:
 
     if encoder.template != "auto":
         return canonical(encoder.template)
-    return "auto (the model's chat template)" if isinstance(encoder.segmenter, ChatTemplateSegmenter) else \
-        "auto (vicuna_v1: the model has no chat template)"
+    if isinstance(encoder.segmenter, ChatTemplateSegmenter):
+        return "auto (the model's chat template)"
+    fallback = getattr(encoder, "fallback_template", None) or "vicuna_v1"
+    return f"auto ({fallback}: the model has no chat template)"
 
 
 def render(encoder, turns: list[Turn], image_sizes=None, ref: str = "", encoded: tuple | None = None) -> ShownSample:
@@ -76,7 +78,7 @@ def render(encoder, turns: list[Turn], image_sizes=None, ref: str = "", encoded:
     encoded (training: after any truncation), else they are computed here without truncation."""
     from llavatune.data.encode import IGNORE_INDEX
 
-    segments = encoder.segmenter(turns, encoder.eos, False)
+    segments = encoder.render(turns, False)
     text, spans, pos = "", [], 0
     for seg, supervised in segments:
         if supervised and seg:
@@ -88,15 +90,15 @@ def render(encoder, turns: list[Turn], image_sizes=None, ref: str = "", encoded:
         n_tokens, n_sup = len(ids), sum(1 for x in labels if x != IGNORE_INDEX)
         n_img = sum(1 for x in ids if x == encoder.image_token_id)
     else:
-        counts = encoder._counts(turns, image_sizes)
-        ids, mask = encoder.tokenize_segments(segments, list(counts))
-        n_tokens, n_sup, n_img = len(encoder.bos) + len(ids), sum(mask), sum(counts)
+        ids, labels = encoder._encode_all(turns, image_sizes)
+        n_tokens, n_sup = len(ids), sum(1 for x in labels if x != IGNORE_INDEX)
+        n_img = sum(1 for x in ids if x == encoder.image_token_id)
     return ShownSample(ref, text, spans, n_tokens, n_sup, n_img, template_label(encoder))
 
 
 def prompt_text(encoder, turns: list[Turn]) -> str:
     """The rendered generation prompt for the next answer (no BOS, ``<image>`` unexpanded)."""
-    return "".join(text for text, _ in encoder.segmenter(turns, encoder.eos, True))
+    return "".join(text for text, _ in encoder.render(turns, True))
 
 
 def legend(encoder) -> str:
@@ -104,7 +106,8 @@ def legend(encoder) -> str:
     bos = f"which adds BOS {tok.bos_token} itself" if encoder.bos else "which adds no BOS"
     per_image = ("its own number of image tokens" if encoder.variable_image_tokens
                  else f"{encoder.n_image_tokens} image tokens")
-    return (f"template {template_label(encoder)}; text as given to the tokenizer, {bos}; each <image> stands for "
+    image = encoder.expand_token if encoder.by_processor else "<image>"
+    return (f"template {template_label(encoder)}; text as given to the tokenizer, {bos}; each {image} stands for "
             f"{per_image}; supervised text (what the loss learns) between {OPEN} and {CLOSE}; {NEWLINE} = newline")
 
 

@@ -30,10 +30,13 @@ default system prompt (the original code has no such turn; this is the chat-temp
 
 ``chatml`` is *not* an original LLaVA template: the common ChatML with a newline after every ``<|im_end|>``
 and no system prompt unless given (``<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n{a}<|im_end|>``).
+``paligemma`` is PaliGemma's own prompt format (it ships no chat template): ``<image>``... ``<bos>{q}\\n``, then
+``{a}<eos>`` learned; ``template: auto`` picks it for PaliGemma models (``llavatune.model.families``).
 
-``template: auto`` uses the tokenizer/processor chat template when it has one: the segments are then
-derived by rendering growing prefixes of the conversation (with and without the generation prompt)
-and taking the differences, so any prefix-stable Jinja template masks correctly.
+``template: auto`` uses the tokenizer/processor chat template when it has one (Qwen-VL's ChatML, Gemma 3's
+``<start_of_turn>``, ...): the segments are then derived by rendering growing prefixes of the conversation (with and
+without the generation prompt) and taking the differences, so any prefix-stable Jinja template masks correctly.
+Without a chat template: the family's own format where it has one (``paligemma``), else ``vicuna_v1``.
 :func:`chat_template` gives the Jinja form of each named template (what ``llavatune convert`` saves),
 so stock ``apply_chat_template`` renders the same text.
 """
@@ -41,11 +44,13 @@ so stock ``apply_chat_template`` renders the same text.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
 from llavatune.data.records import IMAGE_TOKEN, Turn
 
+logger = logging.getLogger("llavatune")
 Segment = tuple[str, bool]
 
 VICUNA_V1_SYSTEM = (
@@ -64,7 +69,7 @@ CHATML_DIRECT_SYSTEM = "Answer the questions."
 # Names as the original conv_templates spells them; "chatml" is ours (not an original LLaVA template).
 ALIASES = {"v1": "vicuna_v1", "mistral_direct": "chatml_direct"}
 TEMPLATE_NAMES = ("auto", "vicuna_v1", "v1", "llava_v1", "llava_llama_2", "mistral_instruct", "chatml_direct",
-                  "mistral_direct", "plain", "chatml")
+                  "mistral_direct", "plain", "chatml", "paligemma")
 
 
 def _split_system(turns: list[Turn], default: str) -> tuple[str, list[Turn]]:
@@ -172,6 +177,32 @@ def _chatml(turns: list[Turn], eos: str, gen: bool) -> list[Segment]:
     return segs
 
 
+PALIGEMMA_BOS = "<bos>"
+
+
+def _paligemma(turns: list[Turn], eos: str, gen: bool) -> list[Segment]:
+    """PaliGemma's prompt format (it has no chat template; what ``PaliGemmaProcessor`` builds from ``text`` and
+    ``suffix``): every image first, then ``<bos>``, the question and ``\n``; the answer plus EOS is learned. Later
+    exchanges continue with ``{question}\n`` and ``{answer}{eos}``. A system turn is put before the first question."""
+    system, turns = _split_system(turns, "")
+    n_images = sum(t.value.count(IMAGE_TOKEN) for t in turns if t.role == "human")
+    segs: list[Segment] = []
+    text = IMAGE_TOKEN * n_images + PALIGEMMA_BOS
+    first = True
+    for t in turns:
+        if t.role == "human":
+            q = " ".join(t.value.replace(IMAGE_TOKEN, " ").split()) if IMAGE_TOKEN in t.value else t.value.strip()
+            text += (f"{system}\n" if first and system else "") + q + "\n"
+            first = False
+        else:
+            segs.append((text, False))
+            segs.append((t.value + eos, True))
+            text = ""
+    if text:
+        segs.append((text, False))
+    return segs
+
+
 NAMED: dict[str, Callable[[list[Turn], str, bool], list[Segment]]] = {
     "vicuna_v1": _sep_two(VICUNA_V1_SYSTEM),
     "llava_v1": _sep_two(LLAVA_V1_SYSTEM),
@@ -180,6 +211,7 @@ NAMED: dict[str, Callable[[list[Turn], str, bool], list[Segment]]] = {
     "chatml_direct": _chatml_direct,
     "plain": _plain,
     "chatml": _chatml,
+    "paligemma": _paligemma,
 }
 
 
@@ -205,14 +237,43 @@ def _to_messages(turns: list[Turn]) -> list[dict]:
     return msgs
 
 
+_SENTINEL = "LLAVATUNEANSWERSENTINEL"
+
+
 @dataclass
 class ChatTemplateSegmenter:
-    """Derive segments from a Jinja chat template by rendering growing prefixes."""
+    """Derive segments from a Jinja chat template by rendering growing prefixes.
+
+    The prompt of the answer to turn ``i`` is the rendering of the turns before it with the generation prompt; the
+    answer is what the finished conversation adds after that prompt. Some templates write the assistant header
+    differently in a finished conversation than in their generation prompt (llava-onevision-hf's: ``assistant \n``
+    + answer, but ``assistant\n`` to generate); the answer and its end-of-turn text are then found with a sentinel
+    answer, and training uses the generation prompt's form: what the model sees when it answers.
+    """
 
     render: Callable[..., str]  # tokenizer/processor.apply_chat_template
+    warned: bool = False
 
     def _r(self, turns: list[Turn], gen: bool) -> str:
         return self.render(_to_messages(turns), tokenize=False, add_generation_prompt=gen)
+
+    def _answer(self, turns: list[Turn], i: int, full: str) -> str | None:
+        """The answer of turn ``i`` with its end-of-turn text, for a template whose finished turn does not extend its
+        generation prompt; None when even that cannot be located."""
+        probe = self._r(turns[:i] + [Turn("gpt", _SENTINEL)], gen=False)
+        at = probe.find(_SENTINEL)
+        if at < 0 or not full.startswith(probe[:at]):
+            return None
+        suffix = probe[at + len(_SENTINEL):]
+        if not full.endswith(suffix) or len(full) - len(suffix) < at:
+            return None
+        if not self.warned:
+            self.warned = True
+            logger.warning(
+                f"the chat template writes a finished assistant turn as {probe[max(0, at - 24):at]!r} + answer but "
+                f"prompts generation with {self._r(turns[:i], gen=True)[-24:]!r}; training uses the generation prompt's "
+                "form, which is what the model sees when it answers")
+        return full[at:]
 
     def __call__(self, turns: list[Turn], eos: str, gen: bool) -> list[Segment]:
         segs: list[Segment] = []
@@ -222,12 +283,14 @@ class ChatTemplateSegmenter:
                 continue
             prompt = self._r(turns[:i], gen=True)
             full = self._r(turns[: i + 1], gen=False)
-            if not prompt.startswith(done) or not full.startswith(prompt):
+            answer = full[len(prompt):] if full.startswith(prompt) else None
+            if answer is None and prompt.startswith(done):
+                answer = self._answer(turns, i, full)
+            if answer is None or not prompt.startswith(done):
                 raise ValueError(
                     "the model's chat template is not prefix-stable, so answer spans cannot be located; "
                     "set --template to one of " + ", ".join(n for n in TEMPLATE_NAMES if n != "auto")
                 )
-            answer = full[len(prompt) :]
             # Templates such as llava-1.5-hf's end answers with a space and no EOS: the model would never
             # learn to stop (LLaVA #682, #1578). Supervise an EOS after each answer.
             if eos and eos not in answer:

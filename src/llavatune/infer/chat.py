@@ -34,7 +34,7 @@ class ChatSession:
         self.temperature = temperature
         self.top_p = top_p
         self.image: Path | None = None
-        self._pixels: dict | None = None
+        self._image = None
         self._size: list[tuple[int, int]] | None = None
         self.turns: list[Turn] = []
         if image:
@@ -44,7 +44,7 @@ class ChatSession:
         """Switch to ``path`` (checked first: a bad path leaves the session as it was) and start over."""
         img = open_checked_image(path, "image")
         path = Path(path)
-        self._pixels = self.predictor.encoder.pixel_inputs([img])
+        self._image = img
         self._size = [(img.height, img.width)]
         self.image = path
         self.reset()
@@ -73,22 +73,17 @@ class ChatSession:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+        from llavatune.infer.generate import stop_token_ids, to_device
+
         if not question.strip():
             raise UserError("the question is empty")
         turns = self.prompt_turns(question)
         model, encoder = self.predictor.model, self.predictor.encoder
         tok = encoder.tokenizer
         ids = encoder.prompt_ids(turns, self._size if self.image is not None else None)
-        device = next(model.parameters()).device
-        dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
-        inputs: dict[str, Any] = {
-            "input_ids": torch.tensor([ids], device=device),
-            "attention_mask": torch.ones((1, len(ids)), dtype=torch.long, device=device),
-        }
-        if self.image is not None and encoder.image_token_id in ids:
-            inputs["pixel_values"] = self._pixels["pixel_values"].to(device=device, dtype=dtype)
-            if "image_sizes" in self._pixels:
-                inputs["image_sizes"] = self._pixels["image_sizes"].to(device)
+        with_image = self.image is not None and any(i in encoder.image_token_ids for i in ids)
+        feats = encoder.features(ids, images=[self._image] if with_image else None)
+        inputs = to_device(encoder.collator(padding_side="left")([feats]), model)
         stop_event = stop_event or threading.Event()
 
         class _Stop(StoppingCriteria):
@@ -104,7 +99,7 @@ class ChatSession:
             try:
                 result["ids"] = model.generate(
                     **inputs, **sampling, max_new_tokens=self.max_new_tokens, streamer=streamer, use_cache=True,
-                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                    eos_token_id=stop_token_ids(encoder, model), pad_token_id=tok.pad_token_id,
                     stopping_criteria=StoppingCriteriaList([_Stop()]),
                 )
             except BaseException as e:  # re-raised in the caller's thread

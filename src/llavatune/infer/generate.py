@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-from llavatune.data.encode import Encoder, LlavaCollator, image_size
+from llavatune.data.encode import Encoder, image_size
 from llavatune.data.images import open_image
 from llavatune.data.records import Record, Turn
 
@@ -53,6 +53,22 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+def stop_token_ids(encoder: Encoder, model=None) -> list[int] | None:
+    """Generation stops at the family's end-of-turn tokens (``<|im_end|>``, ``<end_of_turn>``, ...), the tokenizer's
+    EOS and the model's own ``generation_config.eos_token_id`` (so a fine-tuned model stops instead of rambling)."""
+    ids = list(encoder.stop_token_ids)
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None) if model is not None else None
+    ids += gen if isinstance(gen, list) else [gen] if gen is not None else []
+    return list(dict.fromkeys(i for i in ids if i is not None)) or None
+
+
+def to_device(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """A collated batch on the model's device, floating-point image inputs in its dtype."""
+    device = next(p for p in model.parameters()).device
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    return {k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -69,29 +85,19 @@ def generate(
     was_training = model.training
     model.eval()
     tok = encoder.tokenizer
-    collate = LlavaCollator(tok.pad_token_id, padding_side="left")
+    collate = encoder.collator(padding_side="left")
     sizes = [[image_size(p) for p in q.images] if encoder.variable_image_tokens and q.images else None
              for q in queries]
     prompts = [encoder.prompt_ids(q.turns, s) for q, s in zip(queries, sizes)]
     order = sorted(range(len(queries)), key=lambda i: len(prompts[i]))
-    device = next(p for p in model.parameters()).device
-    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
     out: list[str] = [""] * len(queries)
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else None
+    eos = stop_token_ids(encoder, model)
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            feats = []
-            for i in idx:
-                f: dict[str, Any] = {"input_ids": torch.tensor(prompts[i], dtype=torch.long)}
-                if queries[i].images:
-                    images = [open_image(p) for p in queries[i].images]
-                    f.update(encoder.pixel_inputs(images))
-                feats.append(f)
-            batch = collate(feats)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if "pixel_values" in batch:
-                batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            feats = [encoder.features(prompts[i], images=[open_image(p) for p in queries[i].images] or None)
+                     for i in idx]
+            batch = to_device(collate(feats), model)
             gen = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,

@@ -1,8 +1,12 @@
-"""Build, load and wrap LLaVA models for training and inference.
+"""Build, load and wrap vision-language models for training and inference.
 
-- ``base_source``: turn ``--model`` (tiny / compose / hub id / local dir) into a llava-hf directory or id.
-- ``load_base``: ``AutoModelForImageTextToText`` (LLaVA, LLaVA-NeXT, ...) + ``AutoProcessor``, optionally
-  quantized with bitsandbytes (vision tower, projector and lm_head are never quantized).
+Where each family keeps its vision tower, projector and language model comes from the family table
+(``llavatune.model.families``); nothing here tests a model type.
+
+- ``base_source``: turn ``--model`` (tiny / compose / hub id / local dir) into a model directory or id.
+- ``load_base``: ``AutoModelForImageTextToText`` (LLaVA, LLaVA-NeXT, Qwen2.5-VL, Gemma 3, ...) + ``AutoProcessor``,
+  optionally quantized with bitsandbytes (vision tower, projector and lm_head are never quantized). A family the
+  table marks as not yet supported, or an unknown model type, is refused with one line.
 - ``apply_method``: freeze/unfreeze per stage and wrap with PEFT LoRA; the projector trains fully via
   ``modules_to_save`` so it is saved *inside* the adapter (no separate ``non_lora_trainables.bin`` to lose:
   LLaVA #740, #733, #1597).
@@ -21,12 +25,13 @@ from typing import Any, Iterable
 
 import torch
 
+from llavatune.model.families import FAMILIES, Family, require
 from llavatune.model.refs import is_hub_id, looks_local, resolve_model
 from llavatune.utils import UserError
 
 logger = logging.getLogger("llavatune")
 META_FILE = "llavatune_checkpoint.json"
-PROJECTOR = "multi_modal_projector"
+PROJECTOR = "multi_modal_projector"  # LLaVA's names (benchmarks and older code); families.py has every family's
 VISION = "vision_tower"
 
 
@@ -123,23 +128,43 @@ def compose_llava(
     processor.save_pretrained(out_dir)
 
 
-def projector_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Projector weights from a stage-1 output dir or safetensors file, keys relative to the projector."""
+def projector_state(path: str | os.PathLike, fam: Family | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Projector weights from a stage-1 output dir or safetensors file: ``{projector path: {key: tensor}}``, keys
+    relative to each of the family's projector modules (``fam``: LLaVA's ``multi_modal_projector`` by default)."""
     from safetensors.torch import load_file
 
+    fam = fam or FAMILIES["llava"]
     p = Path(path)
     files = [p] if p.is_file() else sorted(p.glob("*.safetensors"))
     if not files:
         raise UserError(f"--pretrained_projector: no .safetensors weights found at {p}")
-    out = {}
+    out: dict[str, dict[str, torch.Tensor]] = {}
     for f in files:
         for k, v in load_file(str(f)).items():
-            m = re.search(rf"{PROJECTOR}\.(?:modules_to_save\.default\.)?(.+)$", k)
-            if m:
-                out[m.group(1)] = v
+            for proj in fam.projector:
+                m = re.search(rf"(?:^|\.){re.escape(proj)}\.(?:modules_to_save\.default\.)?(.+)$", k)
+                if m:
+                    out.setdefault(proj, {})[m.group(1)] = v
+                    break
     if not out:
-        raise UserError(f"--pretrained_projector: {p} holds no {PROJECTOR} weights")
+        raise UserError(f"--pretrained_projector: {p} holds no {', '.join(fam.projector)} weights")
     return out
+
+
+def load_projector(model, path: str | os.PathLike) -> None:
+    """Load a stage-1 output's projector weights into ``model`` (``--pretrained_projector``)."""
+    fam = model_family(model)
+    state = projector_state(path, fam)
+    for proj, module in zip(fam.projector, fam.modules(model, "projector")):
+        if proj not in state:
+            raise UserError(f"--pretrained_projector: {path} holds no {proj} weights")
+        module.load_state_dict(state[proj])
+
+
+def model_family(model) -> Family:
+    """The (supported) family of a loaded model."""
+    config = getattr(model, "module", model).config
+    return require(getattr(config, "model_type", None))
 
 
 def load_base(
@@ -173,6 +198,7 @@ def load_model(
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     ref = check_model_ref(ref, what)
+    check_family(ref, what, trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -184,16 +210,36 @@ def load_model(
     return AutoModelForImageTextToText.from_pretrained(ref, **kwargs)
 
 
+def check_family(ref: str, what: str = "--model", trust_remote_code: bool = False) -> Family:
+    """Refuse, with one line, a model whose family llavatune does not train (yet) before its weights are read."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{what} {ref}: cannot read its config.json ({_first_line(e)})") from None
+    return require(getattr(cfg, "model_type", None), f"{what} {ref}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 def _kbit_device_map():
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", 0))}
     return {"": "cpu"}
 
 
-def quantization_kwargs(bits: int, quant_type: str, double_quant: bool, compute_dtype: torch.dtype) -> dict:
-    # Never quantized (as in LLaVA's QLoRA recipe). transformers matches these from the start of the module
-    # path or as a suffix, so the ".*" makes them match "model.multi_modal_projector.linear_2" too.
-    skip = [f".*{VISION}", f".*{PROJECTOR}", "lm_head"]
+def quantization_kwargs(bits: int, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
+                        fam: Family | None = None) -> dict:
+    """bitsandbytes settings that quantize the language model only: the family's vision tower and projector (and
+    lm_head) are never quantized, as in LLaVA's QLoRA recipe (``fam``: LLaVA's module names by default)."""
+    fam = fam or FAMILIES["llava"]
+    # transformers matches these from the start of the module path (up to a module boundary) or as a suffix, so the
+    # ".*" makes them match "model.multi_modal_projector.linear_2" and "model.visual.blocks.0.attn.qkv" too.
+    skip = [f".*{re.escape(p)}" for p in dict.fromkeys(fam.vision + fam.projector)] + ["lm_head"]
     if bits == 8:
         return {"load_in_8bit": True, "llm_int8_skip_modules": skip}
     return {
@@ -214,6 +260,24 @@ def linear_module_names(model: torch.nn.Module, under: str) -> list[str]:
     return sorted(names)
 
 
+def projector_paths(model, fam: Family) -> list[str]:
+    """The projector's module paths for PEFT's ``modules_to_save``: a ``ModuleList`` (Qwen3-VL's DeepStack mergers)
+    is listed by its members, since a wrapped list cannot be indexed."""
+    out = []
+    for path, module in zip(fam.projector, fam.modules(model, "projector")):
+        if isinstance(module, torch.nn.ModuleList):
+            out += [f"{path}.{i}" for i in range(len(module))]
+        else:
+            out.append(path)
+    return out
+
+
+def vision_linear_names(model, fam: Family) -> list[str]:
+    """Full names of the linear layers inside the family's vision tower."""
+    prefixes = tuple(f".{v}." for v in fam.vision)
+    return sorted(n for n, m in model.named_modules() if any(p in f".{n}." for p in prefixes) and _is_linear(m))
+
+
 def _is_linear(mod) -> bool:
     if isinstance(mod, torch.nn.Linear):
         return True
@@ -226,18 +290,20 @@ def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpoint
 
     ``autocast``: training will run under bf16/fp16 autocast (``--bf16``/``--fp16``); QLoRA then keeps the
     frozen, unquantized matmul weights in their 16-bit dtype (see ``_keep_frozen_matmul_weights_16bit``)."""
+    fam = model_family(model)
     model.requires_grad_(False)
-    inner = model.model
-    projector = getattr(inner, PROJECTOR)
-    if stage == "pretrain":
-        projector.requires_grad_(True)
+    projectors = fam.modules(model, "projector")
+    if stage == "pretrain":  # stage 1: the projector (connector, merger) only; what that is comes from the table
+        for m in projectors:
+            m.requires_grad_(True)
         return model
     if method == "full":
-        inner.language_model.requires_grad_(True)
+        for m in fam.modules(model, "language_model") + projectors:
+            m.requires_grad_(True)
         model.lm_head.requires_grad_(True)
-        projector.requires_grad_(True)
         if margs.train_vision == "full":
-            inner.vision_tower.requires_grad_(True)
+            for m in fam.modules(model, "vision"):
+                m.requires_grad_(True)
         elif margs.train_vision == "lora":
             raise UserError("--train_vision lora needs --method lora or qlora")
         return model
@@ -253,12 +319,17 @@ def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpoint
     if margs.lora_target_modules:
         names = [n.strip() for n in margs.lora_target_modules.split(",") if n.strip()]
     else:
-        names = linear_module_names(model, "language_model")
-    target = rf".*language_model.*\.({'|'.join(map(re.escape, names))})$"
+        names = linear_module_names(model, fam.language_model)
+    target = rf".*{re.escape(fam.language_model)}.*\.({'|'.join(map(re.escape, names))})$"
+    saved = projector_paths(model, fam)
     if margs.train_vision == "lora":
-        vnames = linear_module_names(model, VISION)
-        target = rf"({target})|(.*{VISION}.*\.({'|'.join(map(re.escape, vnames))})$)"
-    modules_to_save = [PROJECTOR] + ([VISION] if margs.train_vision == "full" else [])
+        # every linear layer of the vision tower outside the projector (Qwen-VL's merger sits inside ``visual``)
+        vnames = [n for n in vision_linear_names(model, fam) if not any(f".{p}." in f".{n}." for p in saved)]
+        target = rf"({target})|({'|'.join(map(re.escape, vnames))})"
+    modules_to_save = list(saved)
+    if margs.train_vision == "full":
+        vision = list(fam.vision)
+        modules_to_save = vision + [p for p in saved if not any(p.startswith(v + ".") for v in vision)]
     if getattr(margs, "lora_modules_to_save", None):
         modules_to_save += [m.strip() for m in margs.lora_modules_to_save.split(",") if m.strip()]
     lcfg = LoraConfig(
@@ -299,11 +370,13 @@ def _keep_frozen_matmul_weights_16bit(model: torch.nn.Module, loaded_dtypes: dic
 
 
 def parameter_summary(model: torch.nn.Module) -> str:
+    """Parameters per group (LoRA, projector, vision tower, LLM), labelled with the family's module names."""
+    fam = model_family(model)
+    labels = {"lora": "lora", "projector": fam.projector[0], "vision": fam.vision[0], "llm": "llm"}
     groups: dict[str, list[int]] = {}
     for name, p in model.named_parameters():
         n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
-        key = "lora" if "lora_" in name else PROJECTOR if PROJECTOR in name else VISION if VISION in name else "llm"
-        g = groups.setdefault(key, [0, 0])
+        g = groups.setdefault(labels[fam.parameter_group(name)], [0, 0])
         g[0] += n
         if p.requires_grad:
             g[1] += n
@@ -385,7 +458,9 @@ def load_checkpoint(
         torch_dtype = resolve_dtype(dtype)
         if want_q and not merge:
             q = meta.get("quantization") or {}
-            quant = quantization_kwargs(q.get("bits", 4), q.get("quant_type", "nf4"), q.get("double_quant", True), torch_dtype)
+            fam = check_family(check_model_ref(base, base_what), base_what, trust_remote_code)
+            quant = quantization_kwargs(q.get("bits", 4), q.get("quant_type", "nf4"), q.get("double_quant", True),
+                                        torch_dtype, fam)
         model, processor = load_base(base, torch_dtype, quantization=quant, trust_remote_code=trust_remote_code,
                                      what=base_what)
         if (p / "tokenizer_config.json").is_file() or (p / "processor_config.json").is_file():

@@ -218,15 +218,37 @@ def build_smoke(ref: str, out_dir: str | os.PathLike):
 
 
 def tiny_family(ref: str) -> str:
-    """The built-in tiny model closest to ``ref`` when its files cannot be read: 'tiny-next' for LLaVA-NeXT
-    (LLaVA-1.6: "next", "v1.6" or "1.6" in the name, or a llava_next config), 'tiny' (LLaVA-1.5 layout) otherwise."""
+    """The built-in tiny model closest to ``ref`` when its files cannot be read: the family of a local folder's
+    config.json, else the one its name suggests (``families.tiny_for``: 'tiny-next' for LLaVA-NeXT ("next", "v1.6"),
+    'tiny-qwen2_5_vl' for Qwen2.5-VL, 'tiny-gemma3' for Gemma 3, ...), 'tiny' (LLaVA-1.5 layout) otherwise."""
     import json
-    import re
+
+    from llavatune.model.families import family, tiny_for
 
     cfg = Path(ref).expanduser() / "config.json"
     if cfg.is_file():
         try:
-            return "tiny-next" if json.loads(cfg.read_text()).get("model_type") == "llava_next" else "tiny"
+            fam = family(json.loads(cfg.read_text()).get("model_type"))
+            if fam is not None and fam.tiny:
+                return fam.tiny
         except (OSError, ValueError):
             pass
-    return "tiny-next" if re.search(r"next|v?1\.6", str(ref).lower()) else "tiny"
+    return tiny_for(ref)
+
+
+def build_tiny_model(name: str, texts: Iterable[str], out_dir: str | os.PathLike | None = None, seed: int = 0):
+    """``--model NAME`` for a built-in tiny model: 'tiny' (LLaVA-1.5), 'tiny-next' (LLaVA-NeXT) or 'tiny-<family>'
+    (``llavatune.model.tiny_families``). Saves it to ``out_dir`` when given; returns ``(model, processor)``."""
+    from llavatune.model.families import TINY_MODELS
+
+    fam = TINY_MODELS[name].name
+    if fam in ("llava", "llava_next"):
+        return build_tiny(texts, out_dir, seed=seed, next=fam == "llava_next")
+    from llavatune.model.tiny_families import build_family
+
+    model, processor = build_family(fam, texts, seed=seed)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+    return model, processor

@@ -154,14 +154,22 @@ def _safetensors_shapes(path: Path) -> dict[str, int]:
     return out
 
 
-def _group(name: str) -> str:
-    if "lora_" in name:
-        return "lora"
-    if "multi_modal_projector" in name:
-        return "multi_modal_projector"
-    if "vision_tower" in name:
-        return "vision_tower"
-    return "llm"
+def _group(name: str, fam=None) -> str:
+    """A parameter's group as ``loader.parameter_summary`` labels it (the family's projector / vision module names)."""
+    from llavatune.model.families import FAMILIES
+
+    fam = fam or FAMILIES["llava"]
+    part = fam.parameter_group(name)
+    return {"projector": fam.projector[0], "vision": fam.vision[0]}.get(part, part)
+
+
+def _family_of(config_dir: Path | None):
+    from llavatune.model.families import family
+
+    try:
+        return family(json.loads((config_dir / "config.json").read_text()).get("model_type")) if config_dir else None
+    except (OSError, ValueError):
+        return None
 
 
 def parse_param_summary(text: str) -> dict[str, Any] | None:
@@ -190,14 +198,15 @@ def params_from_files(data: RunData) -> dict[str, Any] | None:
     weights = sorted(base_dir.glob("*.safetensors")) if base_dir else full
     if not weights:
         return None
+    fam = _family_of(base_dir) or _family_of(weights[0].parent)
     groups: dict[str, dict[str, int]] = {}
     for f in weights:
         for name, n in _safetensors_shapes(f).items():
-            groups.setdefault(_group(name), {"params": 0, "trainable": 0})["params"] += n
+            groups.setdefault(_group(name, fam), {"params": 0, "trainable": 0})["params"] += n
     method = data.section("method")
     if adapter is not None:
         for name, n in _safetensors_shapes(adapter).items():
-            g = _group(name)
+            g = _group(name, fam)
             if g == "lora":
                 e = groups.setdefault("lora", {"params": 0, "trainable": 0})
                 e["params"] += n
@@ -206,11 +215,14 @@ def params_from_files(data: RunData) -> dict[str, Any] | None:
                 groups[g]["trainable"] += n
         src = [adapter, base_dir or (full[0] if full else None)]
     else:
-        trained = {"multi_modal_projector"}
+        from llavatune.model.families import FAMILIES
+
+        f = fam or FAMILIES["llava"]
+        trained = {f.projector[0]}
         if method.get("stage", "finetune") == "finetune" and method.get("method") == "full":
             trained.add("llm")
         if method.get("train_vision") == "full":
-            trained.add("vision_tower")
+            trained.add(f.vision[0])
         for k in trained & groups.keys():
             groups[k]["trainable"] = groups[k]["params"]
         src = [weights[0]]

@@ -18,7 +18,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from llavatune.data.encode import IGNORE_INDEX
-from llavatune.model.loader import PROJECTOR, VISION, write_meta
+from llavatune.model.loader import model_family, write_meta
 from llavatune.utils import atomic_write_text
 
 logger = logging.getLogger("llavatune")
@@ -61,6 +61,25 @@ def forward_loss(model, inputs: dict[str, Any]) -> torch.Tensor:
     return supervised_lm_loss(model(**inputs, logits_to_keep=supervised_positions(labels)), labels)
 
 
+def _sum_floats(obj) -> torch.Tensor:
+    """The sum of every floating-point tensor in a model output (tensors, lists, tuples, ModelOutputs)."""
+    parts: list[torch.Tensor] = []
+
+    def walk(x):
+        if torch.is_tensor(x):
+            if x.is_floating_point():
+                parts.append(x.float().sum())
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(obj)
+    return torch.stack([p.to(parts[0].device) for p in parts]).sum() if parts else torch.zeros(())
+
+
 class LlavaTrainer(Trainer):
     """``Trainer`` + per-module learning rates, image-aware length grouping, generation-based metrics, and
     logits computed only where a label is (``supervised_positions``; same loss, less memory and compute).
@@ -71,8 +90,10 @@ class LlavaTrainer(Trainer):
     """
 
     def __init__(self, *args, projector_lr: float | None = None, vision_lr: float | None = None,
-                 lengths: list[int] | None = None, generation_eval=None, overfit_patience: int = 2, **kwargs):
+                 lengths: list[int] | None = None, generation_eval=None, overfit_patience: int = 2,
+                 blank_image_inputs: dict[str, torch.Tensor] | None = None, **kwargs):
         self.projector_lr = projector_lr
+        self.blank_image_inputs = blank_image_inputs
         self.vision_lr = vision_lr
         self.lengths = lengths
         self.generation_eval = generation_eval
@@ -95,7 +116,11 @@ class LlavaTrainer(Trainer):
         """Under ZeRO-3, a forward pass whose batch has no image still runs the vision tower and projector (on a
         blank image, with zero weight in the loss), so every rank gathers the same parameters in the same order.
         Mixed text-only / image batches across ranks would otherwise hang the run (DeepSpeed #7170, LLaVA #1746).
-        Hooks, not a separate call, so the extra work happens inside the DeepSpeed engine's forward."""
+        Hooks, not a separate call, so the extra work happens inside the DeepSpeed engine's forward. The blank image's
+        inputs are the family's own (``blank_image_inputs``: what its image processor makes of a blank image), fed to
+        the model's ``get_image_features``, which every family has."""
+        if not self.blank_image_inputs:
+            return
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         inner = base.model
@@ -105,15 +130,14 @@ class LlavaTrainer(Trainer):
             state["need"] = module.training and kwargs.get("pixel_values") is None
 
         def after_embed(module, args, output):
-            # LlavaModel embeds the tokens, *then* runs the vision tower: keep that order on every rank. The blank
+            # The models embed the tokens, *then* run the vision tower: keep that order on every rank. The blank
             # features enter the token embeddings (times zero), like real image features, so the backward pass
             # also visits the LLM, then the projector, in the same order everywhere.
             if state.pop("need", False):
-                size = base.config.vision_config.image_size
-                dtype = next(inner.multi_modal_projector.parameters()).dtype
-                pixels = torch.zeros(1, 3, size, size, device=output.device, dtype=dtype)
-                feats = inner.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
-                return output + 0.0 * inner.multi_modal_projector(feats).sum().to(output.dtype)
+                dtype = next(p.dtype for p in inner.parameters() if p.dtype.is_floating_point)
+                blank = {k: v.to(output.device, dtype=dtype if v.is_floating_point() else None)
+                         for k, v in self.blank_image_inputs.items()}
+                return output + 0.0 * _sum_floats(inner.get_image_features(**blank)).to(output.dtype)
             return output
 
         self._blank_hooks = [
@@ -167,13 +191,15 @@ class LlavaTrainer(Trainer):
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
         base_lr = self.args.learning_rate
+        fam = model_family(opt_model)  # which parameters are projector / vision tower: the family table says
         groups: dict[tuple[str, bool], dict[str, Any]] = {}
         for name, p in opt_model.named_parameters():
             if not p.requires_grad:
                 continue
-            if PROJECTOR in name and self.projector_lr is not None:
+            part = fam.parameter_group(name)
+            if part == "projector" and self.projector_lr is not None:
                 key, lr = "projector", self.projector_lr
-            elif VISION in name and self.vision_lr is not None:
+            elif part == "vision" and self.vision_lr is not None:
                 key, lr = "vision", self.vision_lr
             else:
                 key, lr = "default", base_lr

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from llavatune.config import CONFIG_FILE, ConfigError, parse_config, save_resolved
-from llavatune.data.encode import Encoder, LlavaCollator, LlavaDataset
+from llavatune.data.encode import Encoder, LlavaDataset
 from llavatune.data.records import Record, Validation, image_root, normalize_image_placement, validate_data
 from llavatune.data.show import first_sample
 from llavatune.train.train_config import DataArgs, EvalArgs, LlavaTrainingArguments, MethodArgs, ModelArgs
@@ -73,6 +73,10 @@ def validate(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArg
             raise ConfigError(f"--{name}: {value} does not exist")
     if margs.model == "compose" and not (margs.vision_model and margs.language_model):
         raise ConfigError("--model compose needs --vision_model and --language_model")
+    from llavatune.model.families import TINY_MODELS
+
+    if margs.model.startswith("tiny") and margs.model not in TINY_MODELS and not Path(margs.model).exists():
+        raise ConfigError(f"--model {margs.model}: no such built-in tiny model; choose one of {', '.join(TINY_MODELS)}")
     if mthd.zero:
         deepspeed_config(mthd.zero)  # an unknown name fails here, before anything is set up
     check_model_refs(margs, mthd.smoke)
@@ -97,10 +101,11 @@ def check_model_refs(margs: ModelArgs, smoke: bool) -> None:
     """Fail before anything is written when a model reference cannot be used (``llavatune.model.refs``): a local
     path that does not exist ("no such folder"), or a hub id the hub cannot serve. With ``--smoke`` an unreachable
     hub is no error: ``build_smoke_base`` falls back to the tiny model."""
+    from llavatune.model.families import TINY_MODELS
     from llavatune.model.refs import hub_available, looks_local, resolve_model
 
     refs = [("--vision_model", margs.vision_model), ("--language_model", margs.language_model)]
-    if margs.model not in ("tiny", "tiny-next", "compose"):
+    if margs.model not in TINY_MODELS and margs.model != "compose":
         refs = [("--model", margs.model)]
     elif margs.model != "compose":
         refs = []
@@ -213,12 +218,13 @@ def zero3_init_disabled():
 
 
 def build_base(margs: ModelArgs, mthd: MethodArgs, base_dir: Path, texts: list[str], template: str = "auto") -> None:
-    """Write the starting llava-hf model for --model tiny, --model compose or --smoke into ``base_dir``."""
+    """Write the starting model for --model tiny[-FAMILY], --model compose or --smoke into ``base_dir``."""
     from llavatune.model import loader
-    from llavatune.model.tiny import build_tiny
+    from llavatune.model.families import TINY_MODELS
+    from llavatune.model.tiny import build_tiny_model
 
-    if margs.model in ("tiny", "tiny-next"):
-        build_tiny(texts, base_dir, next=margs.model == "tiny-next")
+    if margs.model in TINY_MODELS:
+        build_tiny_model(margs.model, texts, base_dir)
     elif mthd.smoke:
         build_smoke_base(margs, base_dir, texts, template)
     else:
@@ -234,11 +240,11 @@ def build_smoke_base(margs: ModelArgs, base_dir: Path, texts: list[str], templat
     With the real files at hand (a local folder, or the hub / its cache) it keeps the real processor, tokenizer and
     chat template (``build_smoke``; for ``compose`` the language model's tokenizer and the vision model's image
     processor). When the hub cannot be reached (or ``HF_HUB_OFFLINE=1``) and nothing is cached, it falls back to the
-    built-in tiny model of the family ('tiny-next' for LLaVA-NeXT, else 'tiny') with the configured template, and
-    says so. A reference the hub does not know (a typo) is an error, never a fallback."""
+    built-in tiny model of the family (``tiny_family``: 'tiny-next' for LLaVA-NeXT, 'tiny-qwen2_5_vl' for Qwen2.5-VL,
+    ..., else 'tiny') with the configured template, and says so. A reference the hub does not know (a typo) is an error, never a fallback."""
     from llavatune.model import loader
     from llavatune.model.refs import hub_available, looks_local
-    from llavatune.model.tiny import build_smoke, build_tiny, tiny_family
+    from llavatune.model.tiny import build_smoke, build_tiny_model, tiny_family
 
     if margs.model == "compose":
         refs = [("--vision_model", margs.vision_model), ("--language_model", margs.language_model)]
@@ -259,13 +265,23 @@ def build_smoke_base(margs: ModelArgs, base_dir: Path, texts: list[str], templat
     logger.info(f"--smoke offline ({why}; not cached: {', '.join(missing)}): using the built-in '{family}' model with "
                 f"--template {template} instead of the real processor and tokenizer; run --smoke with network to check "
                 "those too")
-    build_tiny(texts, base_dir, next=family == "tiny-next")
+    build_tiny_model(family, texts, base_dir)
 
 
 def _offline() -> bool:
     from llavatune.model.refs import offline
 
     return offline()
+
+
+def blank_image_inputs(encoder: Encoder) -> dict | None:
+    """The family's image inputs for one blank image: what ZeRO-3's text-only batches run the vision tower on
+    (``LlavaTrainer._install_blank_image_hooks``)."""
+    if encoder.image_processor is None:
+        return None
+    from PIL import Image
+
+    return encoder.pixel_inputs([Image.new("RGB", (64, 64))])
 
 
 def load_split(path: str, image_folder: str | None, name: str = "train", max_bad_records: float = 0.0,
@@ -573,7 +589,9 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     base_dir = out / "base_model"
     texts = loader.collect_texts(train_records + val_records)
     template = "plain" if mthd.stage == "pretrain" else dargs.template
-    if margs.model in ("tiny", "tiny-next", "compose") or mthd.smoke:
+    from llavatune.model.families import TINY_MODELS
+
+    if margs.model in TINY_MODELS or margs.model == "compose" or mthd.smoke:
         with targs.main_process_first(desc="build base model"):
             # resuming reuses the very same base (and tokenizer)
             if targs.process_index == 0 and not (base_dir / "config.json").is_file():
@@ -584,9 +602,11 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         base_ref = margs.model
     dtype = loader.resolve_dtype(margs.dtype, targs.use_cpu)
     quant = None
+    fam = loader.check_family(loader.check_model_ref(base_ref), "--model", margs.trust_remote_code)
     if mthd.stage == "finetune" and mthd.method == "qlora":
         cdtype = dtype if mthd.bnb_4bit_compute_dtype == "auto" else loader.resolve_dtype(mthd.bnb_4bit_compute_dtype)
-        quant = loader.quantization_kwargs(mthd.bits, mthd.bnb_4bit_quant_type, mthd.bnb_4bit_use_double_quant, cdtype)
+        quant = loader.quantization_kwargs(mthd.bits, mthd.bnb_4bit_quant_type, mthd.bnb_4bit_use_double_quant, cdtype,
+                                           fam)
     if targs.deepspeed and torch.distributed.is_initialized():
         # accelerate's CPU (gloo) path starts torch.distributed itself; DeepSpeed's own comm layer must wrap
         # that group too, or ZeRO-3's zero.Init sizes its partitions for a world of one.
@@ -598,9 +618,10 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         attn_implementation=margs.attn_implementation,
     )
     if margs.pretrained_projector:
-        state = loader.projector_state(margs.pretrained_projector)
-        model.model.multi_modal_projector.load_state_dict(state)
-        logger.info(f"loaded stage-1 projector from {margs.pretrained_projector}")
+        loader.load_projector(model, margs.pretrained_projector)
+        logger.info(f"loaded stage-1 projector ({', '.join(fam.projector)}) from {margs.pretrained_projector}")
+    if mthd.stage == "pretrain":
+        logger.info(f"stage pretrain ({fam.name}): trains {fam.stage1}")
     model = loader.apply_method(model, mthd.stage, mthd.method, mthd, targs.gradient_checkpointing or False,
                                 autocast=bool(targs.bf16 or targs.fp16))
     logger.info(loader.parameter_summary(model))
@@ -668,7 +689,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         args=targs,
         train_dataset=train_ds,
         eval_dataset=val_ds,
-        data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
+        data_collator=encoder.collator(),
         processing_class=processor,
         callbacks=callbacks,
         projector_lr=mthd.projector_lr,
@@ -676,6 +697,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         lengths=train_ds.lengths,
         generation_eval=generation_eval,
         overfit_patience=eargs.overfit_patience,
+        blank_image_inputs=blank_image_inputs(encoder) if mthd.zero and "zero3" in str(mthd.zero) else None,
     )
     train_with_one_line_errors(trainer, resume_from)
 

@@ -18,9 +18,11 @@ from llavatune.data.records import MAX_BAD_RECORDS
 @config
 class ModelArgs:
     model: str = "tiny"
-    """What to train: 'tiny' (built-in tiny random LLaVA; 'tiny-next' for LLaVA-NeXT), a llava-hf hub id
-    (llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-mistral-7b-hf), a local llava-hf directory, or 'compose' to build a
-    new LLaVA from --vision_model and --language_model."""
+    """What to train: a hub id or local folder of a supported family (llava-hf/llava-1.5-7b-hf,
+    llava-hf/llava-v1.6-mistral-7b-hf, Qwen/Qwen2.5-VL-7B-Instruct, google/gemma-3-4b-it, ...; docs/models.md lists
+    them), a built-in tiny model ('tiny' LLaVA-1.5, 'tiny-next', 'tiny-llava_onevision', 'tiny-paligemma',
+    'tiny-qwen2_vl', 'tiny-qwen2_5_vl', 'tiny-qwen3_vl', 'tiny-gemma3'), or 'compose' to build a new LLaVA from
+    --vision_model and --language_model."""
     vision_model: Optional[str] = None
     """With --model compose: the vision encoder (CLIP or SigLIP; hub id or local path), e.g.
     openai/clip-vit-large-patch14-336."""
@@ -54,10 +56,11 @@ class DataArgs:
     image_folder: Optional[str] = None
     """Folder that image paths are relative to (default: the folder of each data file)."""
     template: Literal["auto", "vicuna_v1", "v1", "llava_v1", "llava_llama_2", "mistral_instruct", "chatml_direct",
-                      "mistral_direct", "plain", "chatml"] = "auto"
-    """Prompt template. 'auto': the processor's chat template if it has one, else vicuna_v1. The others render the
-    original LLaVA conv_templates byte for byte (vicuna_v1 = v1: LLaVA-1.5; chatml is not an original LLaVA template:
-    ChatML with newlines). Stage 'pretrain' always uses 'plain'. 'llavatune check DATA --model M --show 3' prints the
+                      "mistral_direct", "plain", "chatml", "paligemma"] = "auto"
+    """Prompt template. 'auto': the processor's chat template if it has one (Qwen-VL, Gemma 3, LLaVA-OneVision, ...),
+    else the family's own format (paligemma), else vicuna_v1. The others render the original LLaVA conv_templates byte
+    for byte (vicuna_v1 = v1: LLaVA-1.5; chatml is not an original LLaVA template: ChatML with newlines; paligemma:
+    images, <bos>, question, newline). Stage 'pretrain' always uses 'plain'. 'llavatune check DATA --model M --show 3' prints the
     rendered samples."""
     max_length: int = 2048
     """Maximum tokens per sample, image tokens included."""
