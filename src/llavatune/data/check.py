@@ -355,9 +355,10 @@ def check_dataset(
     run at all (file or folder missing).
     """
     if model:  # a typo'd path or an unreachable hub id: one line now, not after every image was read
+        from llavatune.model.families import check_folder
         from llavatune.model.refs import resolve_model
 
-        resolve_model(model, "--model")
+        check_folder(resolve_model(model, "--model"), "--model")
     v: Validation = validate_data(path, image_folder, purpose="train", max_pixels=max_pixels, workers=workers,
                                   progress=progress, workers_flag="--workers")
     report = CheckReport(data=str(v.data), image_folder=str(v.image_folder), readable=v.readable)

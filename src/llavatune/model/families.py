@@ -288,6 +288,24 @@ def require(model_type: str | None, where: str = "--model") -> Family:
     return fam
 
 
+def check_folder(ref: str, what: str = "--model") -> Family | None:
+    """For a local model folder with a config.json: its family, refused with one line when the table marks it as not
+    yet supported. None for anything else (a hub id, a folder without config.json, a model type the table does not
+    know, such as a plain language model for ``--model compose``: checked when loaded). Reads only the JSON."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(str(ref)).expanduser() / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    fam = family(model_type)
+    return require(model_type, f"{what} {ref}") if fam is not None else None
+
+
 def tiny_for(ref: str) -> str:
     """The built-in tiny model of the family a hub id or folder name suggests ('tiny' for plain LLaVA and anything
     unrecognised): how ``--smoke`` offline picks a miniature of a recipe's model."""

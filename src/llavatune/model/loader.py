@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import torch
 
-from llavatune.model.families import FAMILIES, Family, require
+from llavatune.model.families import FAMILIES, Family, check_folder, require
 from llavatune.model.refs import is_hub_id, looks_local, resolve_model
 from llavatune.utils import UserError
 
@@ -445,6 +445,7 @@ def load_checkpoint(
     p = Path(ref)
     if not p.is_dir():
         raise UserError(f"--model {path}: is a file, not a model folder")
+    check_folder(p, "--model")  # a family llavatune does not train (yet): that line, not a list of missing files
     meta = read_meta(p)
     adapter_cfg_path = p / "adapter_config.json"
     if adapter_cfg_path.is_file():

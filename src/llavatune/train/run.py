@@ -101,7 +101,7 @@ def check_model_refs(margs: ModelArgs, smoke: bool) -> None:
     """Fail before anything is written when a model reference cannot be used (``llavatune.model.refs``): a local
     path that does not exist ("no such folder"), or a hub id the hub cannot serve. With ``--smoke`` an unreachable
     hub is no error: ``build_smoke_base`` falls back to the tiny model."""
-    from llavatune.model.families import TINY_MODELS
+    from llavatune.model.families import TINY_MODELS, check_folder
     from llavatune.model.refs import hub_available, looks_local, resolve_model
 
     refs = [("--vision_model", margs.vision_model), ("--language_model", margs.language_model)]
@@ -114,6 +114,8 @@ def check_model_refs(margs: ModelArgs, smoke: bool) -> None:
             hub_available(ref, what)  # an unknown or gated repository is an error; an unreachable hub is not
         elif ref:
             resolve_model(ref, what)
+            if what == "--model":
+                check_folder(ref, what)  # a family llavatune does not train (yet): one line, before anything is written
     if margs.pretrained_projector and not Path(margs.pretrained_projector).expanduser().exists():
         raise UserError(f"--pretrained_projector {margs.pretrained_projector}: no such file or folder")
 
