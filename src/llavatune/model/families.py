@@ -95,9 +95,11 @@ class Family:
         paths = {"vision": self.vision, "projector": self.projector, "language_model": (self.language_model,)}[part]
         return [get_path(inner, p) for p in paths]
 
-    def parameter_group(self, name: str) -> str:
-        """'lora', 'projector', 'vision' or 'llm' for a parameter name (with or without PEFT's prefixes)."""
-        if "lora_" in name:
+    def parameter_group(self, name: str, lora: bool = True) -> str:
+        """'lora', 'projector', 'vision' or 'llm' for a parameter name (with or without PEFT's prefixes); with
+        ``lora=False`` a LoRA parameter counts where its layer is (``--vision_lr`` applies to the vision tower's
+        adapters too)."""
+        if lora and "lora_" in name:
             return "lora"
         dotted = f".{name}."
         if any(f".{p}." in dotted for p in self.projector):

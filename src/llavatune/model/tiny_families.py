@@ -157,6 +157,11 @@ def _gemma3(texts: Iterable[str]):
     config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens,
                                        boi_token_index=boi, eoi_token_index=eoi, image_token_index=soft)
     model = transformers.Gemma3ForConditionalGeneration(config)
+    # transformers initialises the projection to zeros (a pretrained checkpoint overwrites it): the image would reach
+    # the language model as nothing at all, and the projector's norm would get no gradient. Draw it instead.
+    import torch
+
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=VISION["hidden_size"] ** -0.5)
     _generation(model, eos=[eos, eot], pad=pad, bos=bos)
     image_processor = transformers.Gemma3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     processor = transformers.Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
@@ -180,7 +185,8 @@ def _paligemma(texts: Iterable[str]):
     tokenizer = processor.tokenizer
     pad, eos, bos, image = _ids(tokenizer, "<pad>", "<eos>", "<bos>", "<image>")
     head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
-    text = dict(TEXT, model_type="gemma", vocab_size=len(tokenizer), head_dim=head_dim, num_key_value_heads=1,
+    # (2 key/value heads, not PaliGemma's 1: bitsandbytes' CPU 4-bit kernel needs 32-multiple output features)
+    text = dict(TEXT, model_type="gemma", vocab_size=len(tokenizer), head_dim=head_dim,
                 pad_token_id=pad, eos_token_id=eos, bos_token_id=bos)
     vision = dict(VISION, model_type="siglip_vision_model", image_size=IMAGE_SIZE, patch_size=PATCH)
     config = transformers.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=image,

@@ -196,7 +196,7 @@ class LlavaTrainer(Trainer):
         for name, p in opt_model.named_parameters():
             if not p.requires_grad:
                 continue
-            part = fam.parameter_group(name)
+            part = fam.parameter_group(name, lora=False)
             if part == "projector" and self.projector_lr is not None:
                 key, lr = "projector", self.projector_lr
             elif part == "vision" and self.vision_lr is not None:
