@@ -257,12 +257,13 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         from llavatune.infer.generate import parse_stop
 
         subset = val_records[: eargs.eval_max_samples] if eargs.eval_max_samples else val_records
-        eset = EvalSet.from_records(subset, val_roots[0])
+        eset = EvalSet.from_records(subset, val_roots[0], max_questions=eargs.eval_max_samples)
         zero3 = bool(targs.deepspeed) and "zero3" in str(mthd.zero)
         stop = parse_stop(eargs.eval_stop)
         generation_eval = make_generation_eval(
             encoder, eset, targs.per_device_eval_batch_size, eargs.eval_max_new_tokens, stop, out,
             step_fn=lambda: trainer.state.global_step, shown=eargs.eval_predictions_shown, synced_gpus=zero3,
+            share_prefix=eargs.share_image_prefix,
         )
     callbacks = [
         CheckpointCallback(processor, meta, config_path, model.config),
