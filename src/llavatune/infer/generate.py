@@ -234,8 +234,8 @@ def _generate_plain(model, encoder, queries, prompts, indices, out, batch_size, 
 
 def _plan_batches(groups: list[_Group], prompts: list[list[int]], batch_size: int) -> list[list[tuple[int, int]]]:
     """Batches of ``(group, question)`` pairs, at most ``batch_size`` questions each, whole groups kept together
-    where they fit (a prefix is prefilled once per batch it appears in). Groups ordered by prefix length and
-    questions by suffix length, so little padding is needed."""
+    where they fit; a larger group fills consecutive batches (its prefix cache is kept from one to the next).
+    Groups ordered by prefix length and questions by suffix length, so little padding is needed."""
     batches: list[list[tuple[int, int]]] = []
     current: list[tuple[int, int]] = []
     for g in sorted(range(len(groups)), key=lambda g: (len(groups[g].prefix), groups[g].members[0])):
@@ -264,37 +264,66 @@ def _generate_shared(model, encoder, queries, prompts, groups, out, batch_size, 
     text_config = core.config.get_text_config(decoder=True)
     collate = LlavaCollator(pad, padding_side="left")
     device, dtype = _model_io(core)
-    for batch in _plan_batches(groups, prompts, batch_size):
-        # 1. each distinct prefix of the batch once: vision tower + prefill, prefixes left-padded against each other
+    batches = _plan_batches(groups, prompts, batch_size)
+    uses = {}
+    for batch in batches:
+        for g in dict.fromkeys(g for g, _ in batch):
+            uses[g] = uses.get(g, 0) + 1
+    kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # group -> per layer (1, heads, prefix, dim), no pad
+    for batch in batches:
+        # 1. each prefix not cached yet, once: vision tower + prefill, prefixes left-padded against each other
         distinct = list(dict.fromkeys(g for g, _ in batch))
-        feats = [_pixel_features(encoder, groups[g].prefix, groups[g].images) for g in distinct]
-        pre = _to_device(collate(feats), device, dtype)
-        cache = DynamicCache(config=text_config)
-        core(**pre, position_ids=_positions(pre["attention_mask"]), use_cache=True, logits_to_keep=1,
-             **{cache_kw: cache})
-        st["images_encoded"] += sum(len(groups[g].images) for g in distinct)
-        st["prefill_tokens"] += sum(len(groups[g].prefix) for g in distinct)
-        st["prefix_groups"] += len(distinct)
-        # 2. one cache row per question: its prefix's row (same left padding), then [pad][suffix] in the input
+        missing = [g for g in distinct if g not in kv]
+        if missing:
+            feats = [_pixel_features(encoder, groups[g].prefix, groups[g].images) for g in missing]
+            pre = _to_device(collate(feats), device, dtype)
+            cache = DynamicCache(config=text_config)
+            core(**pre, position_ids=_positions(pre["attention_mask"]), use_cache=True, logits_to_keep=1,
+                 **{cache_kw: cache})
+            width = pre["input_ids"].shape[1]
+            for r, g in enumerate(missing):
+                start = width - len(groups[g].prefix)
+                kv[g] = [(layer.keys[r : r + 1, :, start:], layer.values[r : r + 1, :, start:]) for layer in cache.layers]
+            del cache, pre
+            st["images_encoded"] += sum(len(groups[g].images) for g in missing)
+            st["prefill_tokens"] += sum(len(groups[g].prefix) for g in missing)
+            st["prefix_groups"] += len(missing)
+        # 2. one cache row per question: its prefix's keys/values left-padded to the batch's longest prefix (pads
+        # masked), then [pad][suffix] in the input ids
+        P = max(len(groups[g].prefix) for g in distinct)
         row_of = {g: r for r, g in enumerate(distinct)}
         rows = torch.tensor([row_of[g] for g, _ in batch], device=device)
-        P = pre["input_ids"].shape[1]
+        layers = []
+        for li in range(len(kv[distinct[0]])):
+            pair = []
+            for j in (0, 1):
+                first = kv[distinct[0]][li][j]
+                t = first.new_zeros((len(distinct), first.shape[1], P, first.shape[3]))
+                for r, g in enumerate(distinct):
+                    x = kv[g][li][j]
+                    t[r, :, P - x.shape[2]:] = x[0]
+                pair.append(t if len(distinct) == len(batch) else t.index_select(0, rows))
+            layers.append(tuple(pair))
         suffixes = [prompts[i][len(groups[g].prefix):] for g, i in batch]
         S = max(map(len, suffixes))
-        ids = torch.full((len(batch), P + S), pad, dtype=torch.long, device=device)
+        ids = torch.full((len(batch), P + S), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        ids[:, :P] = pre["input_ids"][rows]
-        mask[:, :P] = pre["attention_mask"][rows]
-        for r, s in enumerate(suffixes):
-            ids[r, P + S - len(s):] = torch.tensor(s, dtype=torch.long, device=device)
+        for r, ((g, _), s) in enumerate(zip(batch, suffixes)):
+            n = len(groups[g].prefix)
+            ids[r, P - n : P] = torch.tensor(groups[g].prefix, dtype=torch.long)
+            mask[r, P - n : P] = 1
+            ids[r, P + S - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[r, P + S - len(s):] = 1
-        layers = [(layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in cache.layers]
-        del cache
         rowcache = DynamicCache(layers, config=text_config)
         del layers
+        for g in distinct:  # a prefix is freed after the last batch that uses it
+            uses[g] -= 1
+            if not uses[g]:
+                del kv[g]
         # 3. generate continues from the cache: it feeds only the ids past the cached length (the suffix part)
-        gen = core.generate(input_ids=ids, attention_mask=mask, **{cache_kw: rowcache},
+        gen = core.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **{cache_kw: rowcache},
                             **_greedy_kwargs(tok, max_new_tokens))
+        del rowcache
         for (_, i), row in zip(batch, gen[:, P + S:]):
             out[i] = _cut(tok.decode(row, skip_special_tokens=True), stop)
         st["prefill_tokens"] += sum(map(len, suffixes))
