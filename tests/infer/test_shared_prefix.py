@@ -108,17 +108,27 @@ def test_shared_prefix_prefills_far_fewer_tokens(tiny, pictures):
         len(prefix[str(q.images[0])]) for q in queries) + sum(map(len, prefix.values()))
 
 
-def test_unsupported_models_fall_back_with_a_log_line(tiny, pictures, monkeypatch, caplog):
+def test_unsupported_models_fall_back_with_a_log_line(tiny, pictures, monkeypatch):
     model, encoder = tiny
     queries = workload(pictures)[:30]
     want = generate(model, encoder, queries, batch_size=8, max_new_tokens=MAX_NEW, share_prefix=False)
     monkeypatch.setattr(G, "SHARED_PREFIX_MODEL_TYPES", ("qwen2_vl",))
     stats: dict = {}
-    with caplog.at_level(logging.INFO, logger="llavatune"):
+    seen: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("llavatune")  # the CLI stops its propagation, so listen on it directly
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
         got = generate(model, encoder, queries, batch_size=8, max_new_tokens=MAX_NEW, stats=stats)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
     assert got == want
     assert stats["shared_questions"] == 0 and "is not one of qwen2_vl" in stats["share_prefix_off"]
-    assert any("shared image prefixes off" in r.message for r in caplog.records)
+    assert any(m.startswith("shared image prefixes off: model type 'llava") for m in seen), seen
     monkeypatch.undo()
     assert G.shared_prefix_unsupported(model) is None
 

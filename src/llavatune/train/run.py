@@ -215,7 +215,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         model.model.multi_modal_projector.load_state_dict(state)
         logger.info(f"loaded stage-1 projector from {margs.pretrained_projector}")
     model = loader.apply_method(model, mthd.stage, mthd.method, mthd, targs.gradient_checkpointing or False,
-                                autocast=bool(targs.bf16 or targs.fp16))
+                                autocast="bf16" if targs.bf16 else "fp16" if targs.fp16 else None)
     logger.info(loader.parameter_summary(model))
 
     # Tokenize, mask and self-check before any training step
