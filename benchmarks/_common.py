@@ -183,30 +183,40 @@ def quiet() -> None:
 
 
 def shapes_data(work: Path, n_images: int, questions_per_image: int = 3, image_size: int = 224,
-                split: str = "train") -> Path:
-    """The synthetic OK-VQA-layout shapes set, drawn at ``image_size`` px and converted with
-    ``llavatune prepare okvqa`` (LLaVA-1.5's short-answer prompt). Cached under ``work``; returns data.json."""
+                split: str = "train", layout: str = "okvqa", group_by_image: bool = False, seed: int = 0) -> Path:
+    """The synthetic shapes set in OK-VQA or VQAv2 layout, drawn at ``image_size`` px and converted with
+    ``llavatune prepare okvqa|vqav2`` (LLaVA-1.5's short-answer prompt; ``group_by_image``: one multi-turn record
+    per image). Cached under ``work``; returns data.json."""
     from llavatune.cli import main as cli
     from llavatune.data.synthetic import make_shapes_vqa
 
-    root = work / f"shapes-{n_images}x{questions_per_image}-{image_size}px"
-    out = root / "prepared" / split
+    name = f"shapes-{n_images}x{questions_per_image}-{image_size}px" + ("" if layout == "okvqa" else f"-{layout}")
+    root = work / (name + ("" if seed == 0 else f"-seed{seed}"))
+    out = root / ("prepared-grouped" if group_by_image else "prepared") / split
     if (out / "data.json").is_file():
         return out / "data.json"
     t = time.perf_counter()
     n_train, n_val = (n_images, 0) if split == "train" else (0, n_images)
-    paths = make_shapes_vqa(root / "raw", n_train_images=n_train, n_val_images=n_val,
-                            questions_per_image=questions_per_image, image_size=image_size, seed=0)
-    rc = cli(["prepare", "okvqa", "--questions", str(paths[f"{split}_questions"]),
-              "--annotations", str(paths[f"{split}_annotations"]), "--images", str(paths["images_dir"]),
-              "--out", str(out), "--overwrite"])
+    raw = root / "raw"
+    key = "train_questions" if split == "train" else "val_questions"
+    if not (raw / "images").is_dir():
+        make_shapes_vqa(raw, n_train_images=n_train, n_val_images=n_val, questions_per_image=questions_per_image,
+                        image_size=image_size, seed=seed, layout=layout)
+    from llavatune.data.synthetic import LAYOUT_FILES
+
+    sub = f"{split}"
+    files = LAYOUT_FILES[layout]
+    rc = cli(["prepare", layout, "--questions", str(raw / files["questions"].format(split=sub)),
+              "--annotations", str(raw / files["annotations"].format(split=sub)), "--images", str(raw / "images"),
+              "--out", str(out), "--overwrite"] + (["--group-by-image"] if group_by_image else []))
     if rc:
-        raise SystemExit(f"prepare okvqa failed ({rc})")
+        raise SystemExit(f"prepare {layout} failed ({rc}) for {key}")
     import logging
 
     logging.getLogger("llavatune").setLevel(logging.WARNING)  # the CLI turned its progress logging on
-    print(f"data: {n_images} images x {questions_per_image} questions at {image_size}px in "
-          f"{time.perf_counter() - t:.1f}s -> {out / 'data.json'}", flush=True)
+    print(f"data: {n_images} images x {questions_per_image} questions at {image_size}px ({layout} layout"
+          f"{', grouped by image' if group_by_image else ''}) in {time.perf_counter() - t:.1f}s -> {out / 'data.json'}",
+          flush=True)
     return out / "data.json"
 
 

@@ -93,6 +93,7 @@ def child(a) -> dict[str, Any]:
     _warm_up()
     trim_heap()
     baseline = proc_status("VmRSS")
+    baseline_file = proc_status("RssFile")
     marks: dict[str, Any] = {"baseline_rss": baseline}
 
     class StepMemory(TrainerCallback):
@@ -101,6 +102,7 @@ def child(a) -> dict[str, Any]:
                 return
             trim_heap()
             marks["before_step_rss"] = proc_status("VmRSS")
+            marks["before_step_rss_file"] = proc_status("RssFile")  # file-backed pages (mapped weights, libraries)
             marks["peak_reset"] = reset_peak()
             if cuda:
                 torch.cuda.synchronize()
@@ -140,6 +142,7 @@ def child(a) -> dict[str, Any]:
         "variant": a.variant,
         "step_peak_bytes": marks["step_peak_rss"] - baseline,
         "before_step_bytes": marks["before_step_rss"] - baseline,
+        "before_step_file_backed_bytes": marks["before_step_rss_file"] - baseline_file,
         "load_peak_bytes": ru_max - baseline,
         "baseline_rss_bytes": baseline,
         "peak_reset_supported": marks["peak_reset"],
