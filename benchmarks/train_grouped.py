@@ -1,0 +1,165 @@
+"""Image-grouped training data: the same questions, one record per image, against one record per question.
+
+    python benchmarks/train_grouped.py [--train-images 120] [--questions-per-image 5] [--batch-size 8]
+
+Data: the synthetic shapes set in the VQAv2 layout (``--questions-per-image`` questions per image; VQAv2 has
+5.4), drawn at 224 px and converted twice by ``llavatune prepare vqav2``: as is (one record per question) and
+with ``--group-by-image`` (one multi-turn record per image, ``<image>`` in the first turn only, question order
+shuffled with the seed). A separate validation set (other images, another seed) is evaluated one question per
+query, as ``llavatune eval`` does. Model: the CPU benchmark LLaVA (``build_tiny`` at 224 px / 16 px patches =
+196 image tokens, ~20M parameters), random weights; LoRA (r 64, dropout 0) with the projector and ``lm_head``
+trained fully (a random LLM has no useful output head), lr 1e-3 constant after 3 % warmup, fp32, one torch
+thread, through ``llavatune.train.run.train``.
+
+Two measurements:
+
+1. **Wall time for the same questions**: one epoch over every question, per-question records (batch
+   ``--batch-size``) against grouped records. Grouped records use ``--grouped-batch-size`` (default: the batch
+   size divided by the questions per image, the adjustment docs/data.md recommends, so that an optimizer step
+   sees about as many questions either way). Measured: the Trainer's ``train_runtime`` and the whole ``train``
+   call (tokenizing, model loading, saving included); CPU time of this process as a cross-check on a shared
+   machine. Goal: >= 3x less.
+2. **Validation accuracy at equal wall time**: the per-question run's epoch sets the budget; the grouped data is
+   trained for as many epochs as fit in it (measured from its own first epoch) and both final models are
+   evaluated (VQA accuracy on the validation questions). Goal: grouped at least as good.
+
+Results go to ``benchmarks/results/train_grouped.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as C
+
+GOAL_SPEEDUP = 3.0
+
+
+def train_once(a, base: Path, data: Path, out: Path, batch: int, epochs: float) -> dict[str, Any]:
+    from llavatune.config import parse_config
+    from llavatune.train.run import SECTIONS, train
+
+    argv = ["--model", str(base), "--data", str(data), "--output_dir", str(out), "--overwrite", "true",
+            "--dtype", "float32", "--use_cpu", "true", "--method", "lora", "--lora_r", "64", "--lora_alpha", "64",
+            "--lora_dropout", "0", "--lora_modules_to_save", "lm_head", "--learning_rate", str(a.lr),
+            "--projector_lr", str(a.lr), "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "0.03",
+            "--per_device_train_batch_size", str(batch), "--num_train_epochs", str(epochs), "--seed", str(a.seed),
+            "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--logging_steps", "5",
+            "--disable_tqdm", "true", "--dataloader_num_workers", "0"]
+    t, c = time.perf_counter(), time.process_time()
+    trainer = train(*parse_config(SECTIONS, argv))
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    log = trainer.state.log_history
+    runtime = next(h["train_runtime"] for h in log if "train_runtime" in h)
+    losses = [h["loss"] for h in log if "loss" in h]
+    r = {"train_runtime": round(runtime, 2), "train_call_seconds": round(wall, 2), "train_call_cpu_seconds": round(cpu, 2),
+         "optimizer_steps": trainer.state.global_step, "epochs": epochs, "batch_size": batch,
+         "samples": len(trainer.train_dataset), "final_loss": round(losses[-1], 4) if losses else None}
+    del trainer
+    return r
+
+
+def evaluate_run(out: Path, val: Path, max_new_tokens: int) -> dict[str, Any]:
+    from llavatune.eval.evaluate import EvalConfig, evaluate
+
+    m = evaluate(EvalConfig(model=str(out), data=str(val), max_new_tokens=max_new_tokens))
+    return {k: m.get(k) for k in ("n", "vqa_accuracy", "exact_match", "by_answer_type", "samples_per_second")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-images", type=int, default=120)
+    ap.add_argument("--val-images", type=int, default=20)
+    ap.add_argument("--questions-per-image", type=int, default=5, help="VQAv2 has 5.4 on average")
+    ap.add_argument("--batch-size", type=int, default=8, help="per-question records per step")
+    ap.add_argument("--grouped-batch-size", type=int, default=None,
+                    help="grouped records per step (default: batch size / questions per image, at least 1)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--max-epochs", type=int, default=10, help="cap on the grouped epochs at equal wall time")
+    ap.add_argument("--max-new-tokens", type=int, default=6, help="validation answers")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: one per core)")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "llavatune-bench")
+    ap.add_argument("--results", type=Path, default=None)
+    a = ap.parse_args(argv)
+    gbatch = a.grouped_batch_size or max(1, round(a.batch_size / a.questions_per_image))
+    C.quiet()
+    threads = C.set_threads(a.threads)
+    t0 = time.perf_counter()
+    flat = C.shapes_data(a.work, a.train_images, a.questions_per_image, layout="vqav2")
+    grouped = C.shapes_data(a.work, a.train_images, a.questions_per_image, layout="vqav2", group_by_image=True)
+    val = C.shapes_data(a.work, a.val_images, a.questions_per_image, split="val", layout="vqav2", seed=1)
+    tok_json = C.shapes_data(a.work, n_images=64, questions_per_image=3)  # the benchmark model's tokenizer data
+    base = C.build_model(a.work, "cpu", tok_json)
+    n_q = len(json.loads(flat.read_text()))
+    n_g = len(json.loads(grouped.read_text()))
+    print(f"data: {n_q} questions about {a.train_images} images: {n_q} per-question records, {n_g} grouped records; "
+          f"validation {len(json.loads(val.read_text()))} questions; model {base.name}; batch {a.batch_size} "
+          f"(per question) / {gbatch} (grouped); {threads} torch thread(s)", flush=True)
+    runs: dict[str, Any] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="train_grouped-"))
+    try:
+        # 1. one epoch each over the same questions (grouped first: the machine's load drifts, and the slower run
+        # is the per-question one, so it is the one whose time sets the budget below)
+        runs["grouped_1_epoch"] = train_once(a, base, grouped, tmp / "g1", gbatch, 1)
+        print(f"  grouped, 1 epoch: {runs['grouped_1_epoch']}", flush=True)
+        runs["per_question_1_epoch"] = train_once(a, base, flat, tmp / "f1", a.batch_size, 1)
+        print(f"  per question, 1 epoch: {runs['per_question_1_epoch']}", flush=True)
+        f1, g1 = runs["per_question_1_epoch"], runs["grouped_1_epoch"]
+        speed = {k: round(f1[k] / g1[k], 3) for k in ("train_runtime", "train_call_seconds", "train_call_cpu_seconds")}
+        # 2. equal wall time: as many grouped epochs as fit in the per-question epoch
+        k = max(1, min(a.max_epochs, math.floor(f1["train_runtime"] / g1["train_runtime"])))
+        runs[f"grouped_{k}_epochs"] = train_once(a, base, grouped, tmp / "gk", gbatch, k)
+        print(f"  grouped, {k} epochs: {runs[f'grouped_{k}_epochs']}", flush=True)
+        acc = {name: evaluate_run(tmp / d, val, a.max_new_tokens)
+               for name, d in (("per_question_1_epoch", "f1"), ("grouped_1_epoch", "g1"), (f"grouped_{k}_epochs", "gk"))}
+        for name, m in acc.items():
+            print(f"  validation, {name}: VQA accuracy {m['vqa_accuracy']:.2f} ({m['n']} questions)", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    gk = runs[f"grouped_{k}_epochs"]
+    equal_time_ratio = gk["train_runtime"] / f1["train_runtime"]
+    better = acc[f"grouped_{k}_epochs"]["vqa_accuracy"] >= acc["per_question_1_epoch"]["vqa_accuracy"]
+    print(f"same questions: grouped trains in {100 / speed['train_runtime']:.0f} % of the per-question time "
+          f"({speed['train_runtime']:.2f}x less train_runtime, {speed['train_call_seconds']:.2f}x less for the whole "
+          f"train call, {speed['train_call_cpu_seconds']:.2f}x less CPU time); goal >= {GOAL_SPEEDUP}x: "
+          f"{'met' if speed['train_runtime'] >= GOAL_SPEEDUP else 'NOT met'}")
+    print(f"equal wall time ({k} grouped epochs in {gk['train_runtime']:.0f}s = {equal_time_ratio:.2f}x the "
+          f"per-question epoch's {f1['train_runtime']:.0f}s): VQA accuracy grouped "
+          f"{acc[f'grouped_{k}_epochs']['vqa_accuracy']:.2f} vs per question "
+          f"{acc['per_question_1_epoch']['vqa_accuracy']:.2f}; goal grouped >= per question: "
+          f"{'met' if better else 'NOT met'}")
+    result = {
+        "benchmark": "training on image-grouped records (prepare --group-by-image) vs one record per question",
+        "command": "python benchmarks/train_grouped.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "goal": f"same questions: >= {GOAL_SPEEDUP}x less training wall time; equal wall time: grouped validation "
+                "accuracy >= per-question",
+        "speedup_same_questions": speed,
+        "goal_speed_met": speed["train_runtime"] >= GOAL_SPEEDUP,
+        "equal_wall_time": {"grouped_epochs": k, "time_ratio_grouped_vs_per_question": round(equal_time_ratio, 3),
+                            "vqa_accuracy_grouped": acc[f"grouped_{k}_epochs"]["vqa_accuracy"],
+                            "vqa_accuracy_per_question": acc["per_question_1_epoch"]["vqa_accuracy"]},
+        "goal_accuracy_met": better,
+        "runs": runs,
+        "validation": acc,
+        "setup": {"train_images": a.train_images, "questions": n_q, "grouped_records": n_g,
+                  "questions_per_image": a.questions_per_image, "validation_images": a.val_images,
+                  "batch_size_per_question": a.batch_size, "batch_size_grouped": gbatch, "lr": a.lr,
+                  "model": base.name, "torch_threads": threads, "seed": a.seed},
+        "machine": C.machine(),
+        "seconds_total": round(time.perf_counter() - t0, 1),
+    }
+    C.write_result("train_grouped", result, a.results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
