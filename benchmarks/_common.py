@@ -223,7 +223,8 @@ def shapes_data(work: Path, n_images: int, questions_per_image: int = 3, image_s
 def build_model(work: Path, kind: str, data_json: Path) -> Path:
     """A benchmark model, saved once as a llava-hf folder (with processor) under ``work``; returns the folder.
 
-    ``cpu``: ``build_tiny`` with :data:`CPU_MODEL` (fp32, ~20M parameters). ``1b``: :data:`LLAVA_1B`, ``7b``:
+    ``tiny``: ``build_tiny``'s own shapes (32 px, 16 image tokens; for ``gpu_suite.py --dry-run``). ``cpu``:
+    ``build_tiny`` with :data:`CPU_MODEL` (fp32, ~20M parameters). ``1b``: :data:`LLAVA_1B`, ``7b``:
     :data:`LLAVA15_7B` -- random weights saved in bf16, with the tiny model's processor and tokenizer (trained
     on the data's text, image size and patch size of the config); the embedding is sized like the real
     model's, larger than the tokenizer, which only means unused rows.
@@ -232,14 +233,15 @@ def build_model(work: Path, kind: str, data_json: Path) -> Path:
     from llavatune.model import loader
     from llavatune.model.tiny import build_tiny
 
-    name = "model-cpu-" + "-".join(str(v) for v in CPU_MODEL.values()) if kind == "cpu" else f"model-llava-{kind}-random"
+    names = {"cpu": "model-cpu-" + "-".join(str(v) for v in CPU_MODEL.values()), "tiny": "model-tiny"}
+    name = names.get(kind, f"model-llava-{kind}-random")
     out = work / name
     if (out / "config.json").is_file():
         return out
     texts = loader.collect_texts(load_records(str(data_json)))
     t = time.perf_counter()
-    if kind == "cpu":
-        build_tiny(texts, out, **CPU_MODEL)
+    if kind in ("cpu", "tiny"):
+        build_tiny(texts, out, **(CPU_MODEL if kind == "cpu" else {}))
     else:
         import torch
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration

@@ -84,12 +84,12 @@ def batch1_loop(model, processor, queries, max_new_tokens: int, device: str, dty
     return answers, new_tokens
 
 
-def vqa_data(work: Path, case: str, n_questions: int, per_image: int) -> Path:
+def vqa_data(work: Path, case: str, n_questions: int, per_image: int, image_size: int = 224) -> Path:
     """The validation questions of one case, converted by ``llavatune prepare``; returns data.json."""
     if case == "okvqa":
-        return C.shapes_data(work, n_images=n_questions, questions_per_image=1, split="val")
+        return C.shapes_data(work, n_images=n_questions, questions_per_image=1, split="val", image_size=image_size)
     return C.shapes_data(work, n_images=-(-n_questions // per_image), questions_per_image=per_image, split="val",
-                         layout="vqav2")
+                         layout="vqav2", image_size=image_size)
 
 
 def run_case(a, case: str, base: Path, pred, threads: int) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def run_case(a, case: str, base: Path, pred, threads: int) -> dict[str, Any]:
 
     cuda = a.device == "cuda"
     n = a.samples or (256 if cuda else {"okvqa": 48, "vqav2": 120}[case])
-    data = vqa_data(a.work, case, n, a.questions_per_image)
+    data = vqa_data(a.work, case, n, a.questions_per_image, getattr(a, "image_size", 224))
     records = [normalize_image_placement(r) for r in load_records(str(data))]
     eset = EvalSet.from_records(records, data.parent, max_questions=n)
     queries = eset.queries
