@@ -210,8 +210,8 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
             kept16 = 0
         other = total - counts["llm_linear"] - kept16
         weights = counts["llm_linear"] * qb + other * other_b + kept16 * 2
-        wdetail = (f"{fmt_count(counts['llm_linear'])} LLM linear x {qb:.3f} bytes (NF4) + "
-                   f"{fmt_count(other)} other x {other_b} bytes"
+        wdetail = (f"{fmt_count(counts['llm_linear'])} LLM linear x {qb:.3f} bytes (NF4)"
+                   + (f" + {fmt_count(other)} other x {other_b} bytes" if other else "")
                    + (f" + {fmt_count(kept16)} frozen {'unquantized' if s.dtype == 'bf16' else 'linear/conv'} x 2 bytes"
                       if kept16 else ""))
     else:
