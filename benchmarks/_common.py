@@ -197,7 +197,7 @@ def shapes_data(work: Path, n_images: int, questions_per_image: int = 3, image_s
         return out / "data.json"
     t = time.perf_counter()
     n_train, n_val = (n_images, 0) if split == "train" else (0, n_images)
-    raw = root / "raw"
+    raw = root / f"raw-{split}"  # one set of images per split: the same name may be asked for as train and as val
     key = "train_questions" if split == "train" else "val_questions"
     if not (raw / "images").is_dir():
         make_shapes_vqa(raw, n_train_images=n_train, n_val_images=n_val, questions_per_image=questions_per_image,

@@ -189,3 +189,28 @@ def test_evaluation_asks_each_grouped_question_on_its_own(tmp_path, capsys):
     bad.extra["turns"] = bad.extra["turns"][:-1]
     with pytest.raises(Exception, match="field 'turns'"):
         question_records(bad)
+
+
+def test_training_on_grouped_records_and_evaluating_each_question(tmp_path, capsys):
+    """Grouped records train (every answer supervised, the masking self-check passes) and between-epoch evaluation
+    scores every question of the grouped validation records, with the generation's speed logged."""
+    paths = make_shapes_vqa(tmp_path / "src", n_train_images=6, n_val_images=3, questions_per_image=4,
+                            image_size=32, layout="vqav2")
+    for split in ("train", "val"):
+        prepare(capsys, "vqav2", *vqa_args(paths, split), "--out", tmp_path / split, "--group-by-image")
+    out = tmp_path / "run"
+    rc = cli_main(["train", "--model", "tiny", "--data", str(tmp_path / "train" / "data.json"), "--val_data",
+                   str(tmp_path / "val" / "data.json"), "--output_dir", str(out), "--max_steps", "2",
+                   "--per_device_train_batch_size", "2", "--eval_strategy", "steps", "--eval_steps", "2",
+                   "--save_strategy", "no", "--report_to", "none", "--lora_r", "4", "--lora_alpha", "8",
+                   "--eval_max_new_tokens", "3", "--dataloader_num_workers", "0"])
+    assert rc == 0
+    capsys.readouterr()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    ev = next(r for r in rows if "eval_vqa_accuracy" in r)
+    assert ev["eval_generation_seconds"] > 0 and ev["eval_generation_samples_per_second"] > 0
+    assert ev["eval_samples_per_second"] != ev["eval_generation_samples_per_second"]  # the Trainer's own is kept
+    preds = [json.loads(x) for x in (out / "eval_predictions" / "step-2.jsonl").read_text().splitlines()]
+    val_ids = {t["question_id"] for r in json.loads((tmp_path / "val" / "data.json").read_text()) for t in r["turns"]}
+    assert len(preds) == 12 and {p["question_id"] for p in preds} == val_ids
+    assert all(p["scored_by"] == "vqa" for p in preds)

@@ -131,6 +131,9 @@ def test_unsupported_models_fall_back_with_a_log_line(tiny, pictures, monkeypatc
     assert any(m.startswith("shared image prefixes off: model type 'llava") for m in seen), seen
     monkeypatch.undo()
     assert G.shared_prefix_unsupported(model) is None
+    text_config = model.config.get_text_config(decoder=True)
+    monkeypatch.setattr(text_config, "_attn_implementation", "flash_attention_2")
+    assert "attention implementation 'flash_attention_2'" in G.shared_prefix_unsupported(model)
 
 
 def test_lora_model_shares_prefixes_too(tiny, pictures):

@@ -100,6 +100,9 @@ def shared_prefix_unsupported(model) -> str | None:
         return f"its cache layout is unknown ({type(e).__name__})"
     if any(type(layer) is not DynamicLayer for layer in layers):
         return "its language model has sliding-window or non-attention cache layers"
+    attn = getattr(core.config.get_text_config(decoder=True), "_attn_implementation", None) or "sdpa"
+    if attn not in ("sdpa", "eager"):  # masks with pads inside a row: checked for these two kernels
+        return f"attention implementation {attn!r} (shared prefixes are checked with sdpa and eager)"
     return None
 
 
