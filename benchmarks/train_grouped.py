@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: one per core)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "llavatune-bench")
     ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--keep-model", type=Path, default=None,
+                    help="copy the equal-time grouped model (a LoRA checkpoint) here, e.g. for eval_vs_batch1.py --model")
     a = ap.parse_args(argv)
     gbatch = a.grouped_batch_size or max(1, round(a.batch_size / a.questions_per_image))
     C.quiet()
@@ -152,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         names += [(f"per_question_{E}_epochs", "fE")] if E > 1 else []
         names += [(f"grouped_{k}_epochs", "gk")]
         acc = {name: evaluate_run(tmp / d, val, a.max_new_tokens) for name, d in names}
+        if a.keep_model:
+            shutil.rmtree(a.keep_model, ignore_errors=True)
+            shutil.copytree(tmp / "gk", a.keep_model)
         for name, m in acc.items():
             print(f"  validation, {name}: VQA accuracy {m['vqa_accuracy']:.2f} ({m['n']} questions)", flush=True)
     finally:
