@@ -15,11 +15,10 @@ as soon as it is done (a window that closes early still leaves the finished sect
    (``torch.cuda.max_memory_allocated``), final loss.
 2. ``train_qlora``: the same with the LLM's linear layers in 4-bit NF4 (double quantization; vision tower,
    projector and lm_head unquantized) on both sides.
-3. ``eval_okvqa``: generation on OK-VQA-layout questions (one per image): ``llavatune eval`` (batched) against a
-   batch-1 ``model_vqa_loader``-style loop (the functions of ``eval_vs_batch1.py``) -- samples/s, MFU, VRAM,
-   how many answers agree.
-4. ``eval_vqav2``: VQAv2-layout questions (5 per image): shared image prefixes against the unshared batched
-   path and the batch-1 loop.
+3. ``eval_vqav2``: generation on VQAv2-layout questions (5 per image): ``llavatune eval`` with shared image
+   prefixes, the unshared batched path, and a batch-1 ``model_vqa_loader``-style loop (the functions of
+   ``eval_vs_batch1.py``) -- samples/s, MFU, VRAM, how many answers agree.
+4. ``eval_okvqa``: the same on OK-VQA-layout questions (one per image: nothing to share).
 
 Sections that would not finish within ``--budget`` seconds (estimated from the ones before) are skipped and
 marked so. ``--dry-run`` runs everything with ``build_tiny``'s shapes on the CPU in well under a minute (the test
@@ -44,7 +43,7 @@ from typing import Any
 
 import _common as C
 
-SECTIONS = ("train_lora", "train_qlora", "eval_okvqa", "eval_vqav2")
+SECTIONS = ("train_lora", "train_qlora", "eval_vqav2", "eval_okvqa")
 
 
 def _free(cuda: bool) -> None:
@@ -58,7 +57,6 @@ def _free(cuda: bool) -> None:
 def train_section(a, method: str, base: Path, data: Path, tmp: Path) -> dict[str, Any]:
     """llavatune vs TRL for one method, ``--train-repeats`` interleaved pairs."""
     import torch
-
     import train_vs_trl as T
 
     cuda = a.device == "cuda"
@@ -108,7 +106,7 @@ def eval_section(a, case: str, base: Path, pred) -> dict[str, Any]:
 
     ns = SimpleNamespace(device=a.device, samples=a.eval_samples, questions_per_image=5, batch_size=a.eval_batch_size,
                          max_new_tokens=a.max_new_tokens, repeats=a.eval_repeats, dtype=a.eval_dtype,
-                         peak_tflops=a.peak_tflops, work=a.work, image_size=a.image_size)
+                         peak_tflops=a.peak_tflops, work=a.work, image_size=a.image_size, e2e=a.eval_end_to_end)
     r = E.run_case(ns, case, base, pred, a.threads)
     r.pop("sides_detail", None)
     return r
@@ -125,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="training batch (default: 4; dry run 2)")
     ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank, alpha 2r (default: 128; dry run 8)")
     ap.add_argument("--train-repeats", type=int, default=1, help="interleaved llavatune/TRL pairs per method")
-    ap.add_argument("--eval-samples", type=int, default=None, help="questions per eval case (default 128; dry run 10)")
+    ap.add_argument("--eval-samples", type=int, default=None, help="questions per eval case (default 64; dry run 10)")
+    ap.add_argument("--eval-end-to-end", action=argparse.BooleanOptionalAction, default=None,
+                    help="also run 'llavatune eval' end to end per case (loads the model again; default: dry run only)")
     ap.add_argument("--eval-batch-size", type=int, default=16)
     ap.add_argument("--eval-repeats", type=int, default=None, help="default 2; dry run 1")
     ap.add_argument("--eval-dtype", choices=["bfloat16", "float32"], default=None,
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     a.warmup = a.warmup or (1 if dry else 4)
     a.batch_size = a.batch_size or (2 if dry else 4)
     a.lora_r = a.lora_r or (8 if dry else 128)
-    a.eval_samples = a.eval_samples or (10 if dry else 128)
+    a.eval_samples = a.eval_samples or (10 if dry else 64)
+    a.eval_end_to_end = dry if a.eval_end_to_end is None else a.eval_end_to_end
     a.eval_repeats = a.eval_repeats or (1 if dry else 2)
     a.eval_dtype = a.eval_dtype or ("float32" if dry else "bfloat16")
     a.max_new_tokens = a.max_new_tokens or (3 if dry else 16)
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = a.device == "cuda"
     if cuda and not torch.cuda.is_available():
         ap.error("no CUDA GPU is visible; --dry-run checks the suite on the CPU")
-    threads = C.set_threads(a.threads)
+    C.set_threads(a.threads)
     t0 = time.perf_counter()
     result: dict[str, Any] = {
         "benchmark": "GPU suite: LoRA / QLoRA training vs TRL, eval vs the batch-1 loop, shared image prefixes",

@@ -37,9 +37,9 @@ timestamp after saving), and the step window inside that process. Results go to
 from __future__ import annotations
 
 import argparse
-import json
 import dataclasses
 import gc
+import json
 import shutil
 import sys
 import tempfile

@@ -194,7 +194,7 @@ def test_eval_command_shares_prefixes_and_reports_speed(vqav2_eval, capsys):
     preds = {k: {r["question_id"]: r["prediction"] for r in v[0]} for k, v in runs.items()}
     assert len(preds["plain"]) == 60
     assert preds["shared"] == preds["plain"] == preds["grouped"]
-    for name, (rows, metrics) in runs.items():
+    for name, (_, metrics) in runs.items():
         assert metrics["n"] == 60 and metrics["generation_seconds"] > 0 and metrics["samples_per_second"] > 0
         assert metrics["share_image_prefix"] is (name != "plain")
         assert metrics["images_encoded"] == (60 if name == "plain" else 12)

@@ -127,9 +127,10 @@ def test_qlora_under_autocast_keeps_frozen_weights_16bit(shapes, tmp_path):
         model, _ = loader.load_base(str(out / "base_model"), torch.bfloat16, quantization=quant)
         model = loader.apply_method(model, "finetune", "qlora", margs, autocast=autocast)
         fp32_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype == torch.float32)
-        stream = []
+        stream: list[torch.dtype] = []
         layer = model.get_base_model().model.language_model.layers[0]
-        hook = layer.register_forward_hook(lambda m, a, o: stream.append((o[0] if isinstance(o, tuple) else o).dtype))
+        hook = layer.register_forward_hook(
+            lambda m, a, o, seen=stream: seen.append((o[0] if isinstance(o, tuple) else o).dtype))
         with torch.autocast("cpu", dtype=torch.bfloat16):  # the matmul-only rule is exact under bf16 too
             loss = model(**batch).loss
         hook.remove()

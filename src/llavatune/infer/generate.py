@@ -178,7 +178,6 @@ def generate(
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    tok = encoder.tokenizer
     sizes = [[image_size(p) for p in q.images] if encoder.variable_image_tokens and q.images else None
              for q in queries]
     prompts = [encoder.prompt_ids(q.turns, s) for q, s in zip(queries, sizes)]
