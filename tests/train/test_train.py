@@ -284,3 +284,23 @@ def test_all_samples_failing_is_an_error(tmp_path, capsys):
                    "--max_length", "64", "--report_to", "none"])
     err = capsys.readouterr().err
     assert rc == 1 and "no usable samples" in err
+
+
+def test_same_seed_same_run_within_one_process(shapes, tmp_path):
+    """The LoRA weights are drawn before the Trainer seeds: a second run in the same process (after other random
+    work) must still start from the same weights and end with the same adapter. (--model tiny seeds when it
+    builds its base; a saved model, as here, does not.)"""
+    from safetensors.torch import load_file
+
+    run_train(["--model", "tiny", "--data", shapes["train"], "--output_dir", tmp_path / "base", "--max_steps", "1",
+               "--save_strategy", "no", *FAST])
+
+    def adapter(out):
+        run_train(["--model", tmp_path / "base" / "base_model", "--data", shapes["train"], "--output_dir", out,
+                   "--max_steps", "2", "--save_strategy", "no", *FAST])
+        return load_file(str(out / "adapter_model.safetensors"))
+
+    first = adapter(tmp_path / "a")
+    torch.rand(1000)  # anything else that draws from the global generator in between
+    second = adapter(tmp_path / "b")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -206,6 +206,11 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    from transformers import set_seed
+
+    # the LoRA (and any new) weights are drawn when the model is wrapped, before the Trainer seeds: seed here, so
+    # the same --seed gives the same run even after other work in the process (a second train, a benchmark)
+    set_seed(targs.seed)
     model, processor = loader.load_base(
         base_ref, dtype, quantization=quant, trust_remote_code=margs.trust_remote_code,
         attn_implementation=margs.attn_implementation,
