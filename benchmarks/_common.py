@@ -22,6 +22,10 @@ RESULTS = HERE / "results"
 # (llavatune.model.tiny.build_tiny), 224 px images, 16 px patches -> 196 image tokens per sample.
 CPU_MODEL = dict(image_size=224, patch_size=16, hidden_size=512, vision_hidden_size=512, num_layers=4)
 
+# The demo's model (llavatune demo): 32 px, 8 px patches -> 16 image tokens, hidden 128, 2 layers; small enough to
+# learn the shapes task on a CPU in minutes.
+SMALL_MODEL = dict(image_size=32, patch_size=8, hidden_size=128, vision_hidden_size=64)
+
 # --device cuda: LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px -> 576 image tokens, Llama-2-7B / Vicuna-7B,
 # vocabulary 32064), random weights in bf16.
 LLAVA15_7B = {
@@ -223,7 +227,8 @@ def shapes_data(work: Path, n_images: int, questions_per_image: int = 3, image_s
 def build_model(work: Path, kind: str, data_json: Path) -> Path:
     """A benchmark model, saved once as a llava-hf folder (with processor) under ``work``; returns the folder.
 
-    ``tiny``: ``build_tiny``'s own shapes (32 px, 16 image tokens; for ``gpu_suite.py --dry-run``). ``cpu``:
+    ``tiny``: ``build_tiny``'s own shapes (32 px, 16 image tokens; for ``gpu_suite.py --dry-run``). ``small``:
+    :data:`SMALL_MODEL` (the demo's). ``cpu``:
     ``build_tiny`` with :data:`CPU_MODEL` (fp32, ~20M parameters). ``1b``: :data:`LLAVA_1B`, ``7b``:
     :data:`LLAVA15_7B` -- random weights saved in bf16, with the tiny model's processor and tokenizer (trained
     on the data's text, image size and patch size of the config); the embedding is sized like the real
@@ -233,15 +238,16 @@ def build_model(work: Path, kind: str, data_json: Path) -> Path:
     from llavatune.model import loader
     from llavatune.model.tiny import build_tiny
 
-    names = {"cpu": "model-cpu-" + "-".join(str(v) for v in CPU_MODEL.values()), "tiny": "model-tiny"}
+    names = {"cpu": "model-cpu-" + "-".join(str(v) for v in CPU_MODEL.values()), "tiny": "model-tiny",
+             "small": "model-small-" + "-".join(str(v) for v in SMALL_MODEL.values())}
     name = names.get(kind, f"model-llava-{kind}-random")
     out = work / name
     if (out / "config.json").is_file():
         return out
     texts = loader.collect_texts(load_records(str(data_json)))
     t = time.perf_counter()
-    if kind in ("cpu", "tiny"):
-        build_tiny(texts, out, **(CPU_MODEL if kind == "cpu" else {}))
+    if kind in ("cpu", "tiny", "small"):
+        build_tiny(texts, out, **{"cpu": CPU_MODEL, "small": SMALL_MODEL, "tiny": {}}[kind])
     else:
         import torch
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration

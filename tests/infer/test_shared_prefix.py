@@ -108,6 +108,28 @@ def test_shared_prefix_prefills_far_fewer_tokens(tiny, pictures):
         len(prefix[str(q.images[0])]) for q in queries) + sum(map(len, prefix.values()))
 
 
+def test_one_question_per_image_runs_exactly_the_unshared_batches(tiny, pictures, monkeypatch):
+    """OK-VQA layout (nothing to share): the default path makes the very same generate calls as the unshared one,
+    so it cannot be slower by more than grouping the prompts (well under a millisecond)."""
+    model, encoder = tiny
+    queries = [Query(question_turns(QUESTIONS[i % len(QUESTIONS)], 1), [p]) for i, p in enumerate(pictures)]
+    calls: list = []
+    real = type(model).generate
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs["input_ids"].tolist(), kwargs["attention_mask"].tolist(), kwargs["pixel_values"].sum()))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    plain = generate(model, encoder, queries, batch_size=8, max_new_tokens=2, share_prefix=False)
+    plain_calls, calls[:] = list(calls), []
+    stats: dict = {}
+    shared = generate(model, encoder, queries, batch_size=8, max_new_tokens=2, stats=stats)
+    assert shared == plain and stats["shared_questions"] == 0
+    assert len(calls) == len(plain_calls) == 6
+    assert all(a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2]) for a, b in zip(calls, plain_calls))
+
+
 def test_unsupported_models_fall_back_with_a_log_line(tiny, pictures, monkeypatch):
     model, encoder = tiny
     queries = workload(pictures)[:30]
