@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from llavatune.plan.hub_configs import HUB_CONFIGS  # noqa: E402  (the published configs of today's families)
 from test_plan import LLAVA_15  # noqa: E402  (the published llava-hf configs)
 
-KNOWN_CONFIGS = {"llava-hf/llava-1.5-7b-hf": LLAVA_15["7b"], "llava-hf/llava-1.5-13b-hf": LLAVA_15["13b"]}
+KNOWN_CONFIGS = {**HUB_CONFIGS, "llava-hf/llava-1.5-7b-hf": LLAVA_15["7b"], "llava-hf/llava-1.5-13b-hf": LLAVA_15["13b"]}
 GiB = 1024**3
 
 
@@ -152,7 +153,9 @@ FIGURES: list[Figure] = [
     # ---- recipe headers: "# memory: ... by" followed by the plan command that produced it
     *[Figure(f"configs/{name}.yaml", r"#   memory: (?P<fig>[^\n]*), by\n#   (?P<cmd>llavatune plan [^\n]+)",
              recipe_memory, count=n, what="recipe memory claim")
-      for name, n in (("llava15_7b_okvqa_qlora", 1), ("llava15_7b_okvqa_lora", 2), ("llava15_7b_okvqa_full", 1))],
+      for name, n in (("llava15_7b_okvqa_qlora", 1), ("llava15_7b_okvqa_lora", 2), ("llava15_7b_okvqa_full", 1),
+                      ("qwen2_5_vl_7b_okvqa_qlora", 1), ("qwen2_5_vl_3b_okvqa_qlora_12gb", 1),
+                      ("gemma3_4b_okvqa_qlora", 1))],
     # ---- docs/memory.md: the worked example is the command's output
     Figure("docs/memory.md", r"```text\n\$ (?P<cmd>llavatune plan [^\n]+)\n(?P<fig>.*?)\n```",
            lambda m: run_plan(m["cmd"])[2], what="worked example"),

@@ -194,3 +194,48 @@ def test_published_llava15_setups_fit_where_they_were_run():
         assert estimate(spec, s).peak < mem * GiB, size
         # ... and would not without checkpointing
         assert estimate(spec, s.replace(gradient_checkpointing=False)).peak > mem * GiB
+
+
+# What each model card states (billions of parameters, to the precision it states them)
+PUBLISHED_SIZES = {"Qwen/Qwen2-VL-2B-Instruct": 2.21, "Qwen/Qwen2-VL-7B-Instruct": 8.29,
+                   "Qwen/Qwen2.5-VL-3B-Instruct": 3.75, "Qwen/Qwen2.5-VL-7B-Instruct": 8.29,
+                   "Qwen/Qwen2.5-VL-72B-Instruct": 73.4, "Qwen/Qwen3-VL-4B-Instruct": 4.44,
+                   "Qwen/Qwen3-VL-8B-Instruct": 8.77, "google/gemma-3-4b-it": 4.3, "google/gemma-3-12b-it": 12.2,
+                   "google/gemma-3-27b-it": 27.4, "google/paligemma2-3b-pt-224": 3.0}
+
+
+@pytest.mark.parametrize("ref", sorted(PUBLISHED_SIZES))
+def test_pinned_hub_shapes_count_every_family_exactly(ref):
+    """Qwen-VL's ViT and mergers, Gemma 3's and PaliGemma's projectors, Gemma's extra norms, Qwen2's q/k/v biases:
+    counted in closed form, checked against the family's real modules on the meta device and its model card."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from llavatune.model.families import family
+    from llavatune.plan.hub_configs import hub_config
+    from llavatune.plan.spec import _auto_config
+
+    cfg = hub_config(ref)
+    spec = spec_from_config(_auto_config(hub_config(ref)))
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**cfg))
+    fam = family(cfg["model_type"])
+    real = {"vision": 0, "projector": 0, "llm": 0}
+    for name, p in model.named_parameters():
+        real[fam.parameter_group(name)] += p.numel()
+    c = spec.count()
+    assert (c["vision"], c["projector"]) == (real["vision"], real["projector"])
+    assert c["llm_linear"] + c["llm_other"] + c["embed"] + c["lm_head"] == real["llm"]
+    digits = len(str(PUBLISHED_SIZES[ref]).split(".")[1])
+    assert round(spec.total_params() / 1e9, digits) == PUBLISHED_SIZES[ref]
+
+
+def test_plan_knows_todays_families_offline(capsys):
+    """`plan --model Qwen/Qwen2.5-VL-7B-Instruct` with no network: the pinned shapes, the image tokens of a COCO photo."""
+    assert main(["plan", "--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--method", "qlora", "--batch", "4",
+                 "--max-length", "2048", "--gradient-checkpointing", "--gpu-mem", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "pinned in llavatune" in out and "8.29B" in out.replace(" ", "") or "8.29" in out
+    assert "391 image tokens" in out
+    spec = load_spec("google/gemma-3-4b-it")
+    assert spec.image_tokens == 260 and spec.tied_embeddings

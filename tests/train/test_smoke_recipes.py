@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from llavatune.cli import main
+from llavatune.model.families import TINY_MODELS
+from llavatune.model.tiny import tiny_family
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -47,15 +49,16 @@ def test_every_recipe_smoke_runs_offline_on_cpu(recipe, workdir, monkeypatch, ca
     assert any("early stopping" in s for s in said) == bool(cfg.get("early_stopping_patience")), said
     # the hub cannot be reached: the family's tiny model, with the recipe's template, said so
     base = json.loads((workdir / out / "base_model" / "config.json").read_text())
-    if cfg["model"] in ("tiny", "tiny-next"):
+    if cfg["model"] in TINY_MODELS:
         assert not any("offline" in s for s in said)
     else:
         (line,) = [s for s in said if "--smoke offline" in s]
-        family = "tiny-next" if "v1.6" in cfg["model"] else "tiny"
+        family = tiny_family(cfg["model"])  # the recipe's family: tiny-next for v1.6, tiny-qwen2_5_vl, tiny-gemma3, ...
+        assert family != "tiny" or cfg["model"].startswith("llava-hf/llava-1.5") or cfg["model"] == "compose"
         assert f"'{family}'" in line and "HF_HUB_OFFLINE=1" in line
         template = "plain" if cfg.get("stage") == "pretrain" else cfg.get("template", "auto")
         assert f"--template {template}" in line
-        assert base["model_type"] == ("llava_next" if family == "tiny-next" else "llava")
+        assert base["model_type"] == TINY_MODELS[family].name
     assert base["text_config"]["hidden_size"] == 64  # tiny
     rows = [json.loads(x) for x in (workdir / out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and "train_loss" in rows[-1]

@@ -152,7 +152,8 @@ def _gemma3(texts: Iterable[str]):
     text = dict(TEXT, vocab_size=len(tokenizer), head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=64,
                 layer_types=["sliding_attention", "full_attention"], pad_token_id=pad, eos_token_id=[eos, eot],
                 bos_token_id=bos)
-    vision = dict(VISION, image_size=IMAGE_SIZE, patch_size=PATCH)  # SigLIP: 4 x 4 patches ...
+    # SigLIP without its pooling head (as in the released model): 4 x 4 patches ...
+    vision = dict(VISION, image_size=IMAGE_SIZE, patch_size=PATCH, vision_use_head=False)
     tokens = 4  # ... average-pooled to 2 x 2 soft tokens per image (mm_tokens_per_image)
     config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens,
                                        boi_token_index=boi, eoi_token_index=eoi, image_token_index=soft)
@@ -188,7 +189,8 @@ def _paligemma(texts: Iterable[str]):
     # (2 key/value heads, not PaliGemma's 1: bitsandbytes' CPU 4-bit kernel needs 32-multiple output features)
     text = dict(TEXT, model_type="gemma", vocab_size=len(tokenizer), head_dim=head_dim,
                 pad_token_id=pad, eos_token_id=eos, bos_token_id=bos)
-    vision = dict(VISION, model_type="siglip_vision_model", image_size=IMAGE_SIZE, patch_size=PATCH)
+    vision = dict(VISION, model_type="siglip_vision_model", image_size=IMAGE_SIZE, patch_size=PATCH,
+                  vision_use_head=False)
     config = transformers.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=image,
                                           vocab_size=len(tokenizer), projection_dim=TEXT["hidden_size"],
                                           hidden_size=TEXT["hidden_size"])
@@ -212,7 +214,7 @@ def _llava_onevision(texts: Iterable[str]):
     pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
     text = dict(TEXT, model_type="qwen2", vocab_size=len(tokenizer), eos_token_id=eos, pad_token_id=pad,
                 bos_token_id=None)
-    vision = dict(VISION, model_type="siglip_vision_model", image_size=s, patch_size=PATCH)
+    vision = dict(VISION, model_type="siglip_vision_model", image_size=s, patch_size=PATCH, vision_use_head=False)
     config = transformers.LlavaOnevisionConfig(
         vision_config=vision, text_config=text, image_token_index=image, video_token_index=video,
         vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=pinpoints,
