@@ -241,3 +241,65 @@ def test_tiny_models_and_smoke_fallback_by_hub_id():
             "tiny-qwen2_5_vl", "Qwen/Qwen3-VL-8B-Instruct": "tiny-qwen3_vl", "google/gemma-3-4b-it": "tiny-gemma3"}
     assert {ref: tiny_family(ref) for ref in want} == want
     assert set(TINY_MODELS) == {"tiny", "tiny-next", *NEW}
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2_5_vl", "tiny-gemma3", "tiny-paligemma"])
+def test_predict_chat_and_shared_prefix_fallback(bases, tmp_path, name):
+    """The same greedy answer through batched generation (shared prefixes asked for, and declined with the reason:
+    M-RoPE / bidirectional image blocks / prefix-LM), through chat (one conversation), and for every question of a
+    batch about one image."""
+    from llavatune.infer.chat import ChatSession
+    from llavatune.infer.generate import Query
+    from llavatune.infer.predict import load_predictor
+
+    d, _ = bases(name)
+    Image.new("RGB", (40, 24), (10, 200, 30)).save(tmp_path / "g.png")
+    predictor = load_predictor(str(d))
+    questions = ["What color?", "Is there a square?", "What color?"]
+    stats: dict = {}
+    from llavatune.infer.generate import generate
+
+    answers = generate(predictor.model, predictor.encoder,
+                       [Query([Turn("human", "<image>\n" + q)], [tmp_path / "g.png"]) for q in questions],
+                       batch_size=3, max_new_tokens=4, share_prefix=True, stats=stats)
+    assert TINY_MODELS[name].name in stats["share_prefix_off"] and answers[0] == answers[2]
+    alone = predictor.answer([Query([Turn("human", "<image>\nWhat color?")], [tmp_path / "g.png"])], 1, 4)
+    session = ChatSession(predictor, tmp_path / "g.png", max_new_tokens=4)
+    assert session.ask("What color?") == alone[0] == answers[0]
+    session.ask("And the shape?")  # a second turn: the first answer, its end-of-turn token, the new question
+    assert [t.role for t in session.turns] == ["human", "gpt", "human", "gpt"]
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2_5_vl", "tiny-gemma3"])
+def test_check_counts_each_familys_image_tokens(bases, tmp_path, name):
+    from llavatune.data.check import check_dataset
+
+    d, processor = bases(name)
+    Image.new("RGB", (90, 30), "red").save(tmp_path / "wide.png")
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"id": "w", "image": "wide.png", "conversations": [
+        {"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}]}]))
+    report = check_dataset(data, model=str(d))
+    enc = Encoder(processor)
+    n_image = enc.image_token_counts([(30, 90)], 1)[0]
+    text = len(processor.tokenizer("\nColor?\nred", add_special_tokens=True)["input_ids"])  # as check joins turns
+    assert report.lengths["max"] == text + n_image and n_image > 0
+    assert report.lengths["image_tokens_note"] == "counted per image from its size, as the processor expands it"
+    if name == "tiny-qwen2_5_vl":  # dynamic resolution: a larger image has more tokens
+        assert enc.image_token_counts([(64, 64)], 1)[0] > enc.image_token_counts([(32, 32)], 1)[0]
+
+
+def test_supported_models_table_in_the_docs_is_the_family_table():
+    """docs/models.md lists every family of the table, with its status and example hub ids, and each tiny model."""
+    from pathlib import Path
+
+    from llavatune.model.families import FAMILIES
+
+    doc = (Path(__file__).parents[2] / "docs" / "models.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in doc.splitlines() if line.startswith("| ") and "`" in line}
+    assert set(FAMILIES) <= set(rows)
+    for name, fam in FAMILIES.items():
+        assert ("not yet supported" in rows[name]) == (not fam.supported), name
+        assert all(f"`{ref}`" in rows[name] for ref in fam.hub_examples), name
+        if fam.tiny and fam.tiny != "tiny":
+            assert f"`{fam.tiny}`" in rows[name], name

@@ -185,7 +185,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         **{**_QWEN_VISION, "projector": ("visual.merger", "visual.deepstack_merger_list"),
            "stage1": "the vision-language mergers (visual.merger and the DeepStack mergers visual.deepstack_merger_list "
                      "that feed ViT features into early LLM layers); the ViT stays frozen"},
-        tiny="tiny-qwen3_vl", hub_examples=("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-8B-Instruct"),
+        tiny="tiny-qwen3_vl", hub_examples=("Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct"),
         hub_pattern=r"qwen3-vl|qwen3_vl", status="LoRA, QLoRA, eval, merge and stock reload tested on the tiny model",
     ),
     Family(
