@@ -303,3 +303,36 @@ def test_supported_models_table_in_the_docs_is_the_family_table():
         assert all(f"`{ref}`" in rows[name] for ref in fam.hub_examples), name
         if fam.tiny and fam.tiny != "tiny":
             assert f"`{fam.tiny}`" in rows[name], name
+
+
+def test_what_a_familys_processor_imports_is_an_extra():
+    from pathlib import Path
+
+    import tomllib
+
+    from llavatune.model.families import FAMILIES
+
+    extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name, fam in FAMILIES.items():
+        for pkg in fam.pip_extras:
+            assert any(dep.startswith(pkg) for dep in extras.get(name, [])), (name, pkg)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2_5_vl", "tiny-gemma3"])
+def test_truncation_keeps_whole_turns_and_never_cuts_image_tokens(bases, name):
+    from llavatune.data.encode import SampleSkipped, check_masking
+
+    d, processor = bases(name)
+    turns = [Turn("human", "<image>\nWhat color?"), Turn("gpt", "red"), Turn("human", "And the shape? " * 8),
+             Turn("gpt", "a circle " * 8)]
+    full = Encoder(processor).encode(turns, [(64, 64)])[0]
+    first = Encoder(processor).encode(turns[:2], [(64, 64)])[0]
+    enc = Encoder(processor, max_length=len(full) - 1, truncation="truncate")
+    fitted = enc.fit(turns, [(64, 64)])
+    assert fitted.turns == turns[:2] and fitted.input_ids == first  # the first exchange, whole
+    assert check_masking(enc, fitted.turns, fitted.labels) is None
+    image_positions = [i for i, x in enumerate(first) if x in enc.image_token_ids]
+    tight = Encoder(processor, max_length=image_positions[-1], truncation="truncate")  # would cut the image's end
+    with pytest.raises(SampleSkipped) as e:
+        tight.fit(turns[:2], [(64, 64)])
+    assert e.value.kind == "image-tokens-cut"

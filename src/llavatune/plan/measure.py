@@ -71,6 +71,8 @@ def _warm_up(torch) -> None:
 
 def image_tokens(model) -> int:
     cfg = model.config
+    if cfg.model_type != "llava":  # the synthetic batch is LLaVA-1.5's: one fixed-size image, spliced tokens
+        raise SystemExit(f"plan.measure builds LLaVA-1.5 batches; {cfg.model_type} models are not measured by it")
     vc = cfg.vision_config
     return (vc.image_size // vc.patch_size) ** 2 + (1 if cfg.vision_feature_select_strategy == "full" else 0)
 

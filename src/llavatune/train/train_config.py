@@ -36,8 +36,8 @@ class ModelArgs:
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     """With --model compose: 'default' drops the CLS token (LLaVA-1.5), 'full' keeps it."""
     pretrained_projector: Optional[str] = None
-    """A stage-1 output (directory or .safetensors file) whose multi_modal_projector weights are loaded before
-    training: the usual start of stage 2 on a composed model."""
+    """A stage-1 output (directory or .safetensors file) whose projector weights (the family's: multi_modal_projector,
+    Qwen-VL's visual.merger, ...) are loaded before training: the usual start of stage 2 on a composed model."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Weights dtype. 'auto': bfloat16 on a GPU that supports it, else float32 (CPU)."""
     trust_remote_code: bool = False
