@@ -336,3 +336,38 @@ def test_truncation_keeps_whole_turns_and_never_cuts_image_tokens(bases, name):
     with pytest.raises(SampleSkipped) as e:
         tight.fit(turns[:2], [(64, 64)])
     assert e.value.kind == "image-tokens-cut"
+
+
+@pytest.mark.parametrize("ref", ["Qwen/Qwen2-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct",
+                                 "Qwen/Qwen3-VL-8B-Instruct", "google/gemma-3-4b-it",
+                                 "google/paligemma2-3b-pt-224"])
+def test_smoke_shrinks_a_real_sized_checkpoint_of_each_family(bases, shapes, tmp_path, ref):
+    """--smoke on a local folder holding a released model's config.json (its real shapes) and processor: a 2-layer
+    model of the same classes is built from that config and trains 3 steps."""
+    from llavatune.model.families import family
+    from llavatune.plan.hub_configs import hub_config
+
+    cfg = hub_config(ref)
+    name = family(cfg["model_type"]).tiny
+    d, processor = bases(name)
+    tiny_cfg = json.loads((d / "config.json").read_text())
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                "image_token_index", "boi_token_index", "eoi_token_index"):  # the tiny tokenizer's ids
+        if key in tiny_cfg:
+            cfg[key] = tiny_cfg[key]
+    cfg["text_config"].update(vocab_size=len(processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id)
+    # the tiny processor's image geometry (8-pixel patches of 32-pixel images), so that its images fit the config
+    cfg["vision_config"]["patch_size"] = tiny_cfg["vision_config"]["patch_size"]
+    for key in ("image_size",):
+        if key in cfg["vision_config"]:
+            cfg["vision_config"][key] = tiny_cfg["vision_config"][key]
+    if "mm_tokens_per_image" in cfg:
+        cfg["mm_tokens_per_image"] = tiny_cfg["mm_tokens_per_image"]
+    model_dir = tmp_path / ref.replace("/", "--")
+    processor.save_pretrained(model_dir)
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    assert cli_main(train_args(str(model_dir), shapes, out, "--smoke")) == 0
+    base = json.loads((out / "base_model" / "config.json").read_text())
+    assert base["model_type"] == cfg["model_type"] and base["text_config"]["hidden_size"] == 64
+    assert base["text_config"]["num_hidden_layers"] == 2

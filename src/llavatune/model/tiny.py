@@ -191,6 +191,31 @@ def shrink_config(sub, hidden: int) -> None:
     for k in ("layer_types", "sliding_window_layers"):  # per-layer lists must match the new depth
         if isinstance(getattr(sub, k, None), list):
             setattr(sub, k, getattr(sub, k)[:2])
+    # Qwen-VL's vision towers: "depth" layers of "embed_dim"/"hidden_size" width with "num_heads"; block lists by index
+    for k, val in {"depth": 2, "num_heads": 4, "embed_dim": hidden}.items():
+        if hasattr(sub, k):
+            setattr(sub, k, val)
+    for k, val in {"fullatt_block_indexes": [1], "deepstack_visual_indexes": [0]}.items():
+        if getattr(sub, k, None):
+            setattr(sub, k, val)
+    rope = getattr(sub, "rope_parameters", None)
+    # M-RoPE (Qwen-VL; its default [16, 24, 24] when the config names none) splits half the head dimension in three
+    if isinstance(rope, dict) and (rope.get("mrope_section") or "_vl_text" in str(getattr(sub, "model_type", ""))):
+        half = (getattr(sub, "head_dim", None) or hidden // sub.num_attention_heads) // 2
+        t = half // 4
+        rope["mrope_section"] = [t, (half - t) // 2, half - t - (half - t) // 2]
+
+
+def fit_vision_to_text(cfg) -> None:
+    """After shrinking: the sizes the vision side hands to the language model follow its new width (Qwen2-VL's merger
+    output ``hidden_size``, Qwen2.5/3-VL's ``out_hidden_size``, PaliGemma's ``projection_dim``)."""
+    hidden, vision = cfg.text_config.hidden_size, cfg.vision_config
+    if hasattr(vision, "embed_dim"):  # Qwen2-VL: embed_dim is the ViT's width, hidden_size the merger's output
+        vision.hidden_size = hidden
+    if hasattr(vision, "out_hidden_size"):
+        vision.out_hidden_size = hidden
+    if hasattr(cfg, "projection_dim"):
+        cfg.projection_dim = vision.projection_dim = hidden
 
 
 def build_smoke(ref: str, out_dir: str | os.PathLike):
@@ -210,6 +235,7 @@ def build_smoke(ref: str, out_dir: str | os.PathLike):
     processor = AutoProcessor.from_pretrained(ref)
     shrink_config(cfg.vision_config, SMOKE_WIDTHS["vision"])
     shrink_config(cfg.text_config, SMOKE_WIDTHS["text"])
+    fit_vision_to_text(cfg)
     model = AutoModelForImageTextToText.from_config(cfg)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
