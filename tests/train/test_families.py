@@ -371,3 +371,32 @@ def test_smoke_shrinks_a_real_sized_checkpoint_of_each_family(bases, shapes, tmp
     base = json.loads((out / "base_model" / "config.json").read_text())
     assert base["model_type"] == cfg["model_type"] and base["text_config"]["hidden_size"] == 64
     assert base["text_config"]["num_hidden_layers"] == 2
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2_5_vl", "tiny-gemma3", "tiny-llava_onevision"])
+def test_several_images_text_only_samples_and_named_templates(bases, tmp_path, name):
+    """Two images in one question, a text-only sample and an image sample in one batch: one forward pass; a named
+    template's <image> becomes the family's own placeholder."""
+    from transformers import AutoModelForImageTextToText
+
+    from llavatune.data.records import Record
+
+    d, processor = bases(name)
+    Image.new("RGB", (60, 20), "red").save(tmp_path / "wide.png")
+    Image.new("RGB", (30, 30), "blue").save(tmp_path / "sq.png")
+    recs = [Record("w", [Turn("human", "<image>\nColor?"), Turn("gpt", "red")], ["wide.png"]),
+            Record("s", [Turn("human", "<image> and <image>: colors?"), Turn("gpt", "blue red")], ["sq.png", "wide.png"]),
+            Record("t", [Turn("human", "Hi"), Turn("gpt", "hello")])]
+    enc = Encoder(processor)
+    ds = LlavaDataset(recs, enc, [tmp_path] * 3)
+    assert len(ds) == 3 and not ds.masking_problems
+    batch = enc.collator()([ds[0], ds[1], ds[2]])
+    labels = batch.pop("labels")
+    model = AutoModelForImageTextToText.from_pretrained(d)
+    out = model(**batch)
+    assert out.logits.shape[:2] == labels.shape
+    named = Encoder(processor, template="chatml")
+    ids = named.prompt_ids([Turn("human", "<image>\nColor?")], [(20, 60)])
+    assert sum(x in named.image_token_ids for x in ids) == sum(x in enc.image_token_ids for x in
+                                                                enc.prompt_ids([Turn("human", "<image>\nColor?")],
+                                                                               [(20, 60)]))
