@@ -205,7 +205,11 @@ class Encoder:
             from PIL import Image
 
             blank = Image.new("RGB", (key[1], key[0]))
-            out = self.processor(text=[self.expand_token], images=[blank], return_text_replacement_offsets=True)
+            try:
+                out = self.processor(text=[self.expand_token], images=[blank], return_text_replacement_offsets=True)
+            except ValueError as e:  # e.g. Qwen-VL refuses aspect ratios over 200
+                raise SampleSkipped("image-size", f"{type(self.processor).__name__} cannot take a {key[1]} x {key[0]} "
+                                    f"image: {str(e).splitlines()[0]}") from None
             offsets = out.get("text_replacement_offsets") or [[]]
             if not offsets[0]:
                 raise ValueError(f"{type(self.processor).__name__} did not say how it expands {self.expand_token}")

@@ -192,7 +192,7 @@ def generate(
     model.eval()
     sizes = [[image_size(p) for p in q.images] if encoder.variable_image_tokens and q.images else None
              for q in queries]
-    prompts = [encoder.prompt_ids(q.turns, s) for q, s in zip(queries, sizes)]
+    prompts = [_prompt(encoder, q, s) for q, s in zip(queries, sizes)]
     out: list[str] = [""] * len(queries)
     st = stats if stats is not None else {}
     st.update(shared_questions=0, prefix_groups=0, images_encoded=0, prefill_tokens=0)
@@ -217,6 +217,17 @@ def generate(
         if was_training:
             model.train()
     return out
+
+
+def _prompt(encoder: Encoder, query: Query, sizes) -> list[int]:
+    """The prompt ids of ``query``; one that cannot be encoded (an image its processor refuses) is one line naming it."""
+    from llavatune.data.encode import SampleSkipped
+    from llavatune.utils import UserError
+
+    try:
+        return encoder.prompt_ids(query.turns, sizes)
+    except SampleSkipped as e:
+        raise UserError(f"{query.ref or 'the question'}: {e}") from None
 
 
 def _greedy_kwargs(encoder: Encoder, model, max_new_tokens: int) -> dict[str, Any]:

@@ -108,11 +108,6 @@ class Family:
             return "vision"
         return "llm"
 
-    def regex(self, part: str) -> str:
-        """A regex matching module names (full paths) inside ``part``, for quantization skips and LoRA targets."""
-        paths = self.vision if part == "vision" else self.projector
-        return "|".join(re.escape(p) for p in paths)
-
 
 def inner_model(model: Any) -> Any:
     """The ``...Model`` inside a ``...ForConditionalGeneration`` (PEFT and DDP wrappers removed)."""
@@ -272,11 +267,6 @@ def family_of_processor(processor: Any) -> Family | None:
         if cls.__name__ in _BY_PROCESSOR:
             return _BY_PROCESSOR[cls.__name__]
     return None
-
-
-def family_of_config(config: Any) -> Family | None:
-    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
-    return family(model_type)
 
 
 def require(model_type: str | None, where: str = "--model") -> Family:

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import torch
 
 from llavatune.model.families import FAMILIES, Family, check_folder, require
-from llavatune.model.refs import is_hub_id, looks_local, resolve_model
+from llavatune.model.refs import _first_line, is_hub_id, looks_local, resolve_model
 from llavatune.utils import UserError
 
 logger = logging.getLogger("llavatune")
@@ -219,11 +219,6 @@ def check_family(ref: str, what: str = "--model", trust_remote_code: bool = Fals
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{what} {ref}: cannot read its config.json ({_first_line(e)})") from None
     return require(getattr(cfg, "model_type", None), f"{what} {ref}")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _kbit_device_map():
