@@ -400,3 +400,22 @@ def test_several_images_text_only_samples_and_named_templates(bases, tmp_path, n
     assert sum(x in named.image_token_ids for x in ids) == sum(x in enc.image_token_ids for x in
                                                                 enc.prompt_ids([Turn("human", "<image>\nColor?")],
                                                                                [(20, 60)]))
+
+
+def test_an_image_size_the_processor_refuses_is_reported_not_a_traceback(bases, tmp_path, capsys):
+    from llavatune.data.check import check_dataset
+
+    d, processor = bases("tiny-qwen2_5_vl")
+    Image.new("RGB", (900, 2), "red").save(tmp_path / "strip.png")  # Qwen-VL refuses aspect ratios over 200
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "ok.png")
+    rows = [{"id": "strip", "image": "strip.png", "conversations": [{"from": "human", "value": "<image>\nColor?"},
+                                                                     {"from": "gpt", "value": "red"}]},
+            {"id": "ok", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nColor?"},
+                                                               {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    report = check_dataset(tmp_path / "d.json", model=str(d))
+    assert any("aspect ratio" in p.message for e in report.entries for p in e.problems)
+    from llavatune.data.records import load_records
+
+    ds = LlavaDataset(load_records(tmp_path / "d.json"), Encoder(processor), [tmp_path] * 2)
+    assert len(ds) == 1 and list(ds.skipped) == ["image-size"]

@@ -259,6 +259,7 @@ def _measure_lengths(report: CheckReport, entries: list[Entry], model: str, max_
     # imported here: encode imports torch, which only --model needs (a plain check starts ~1.3 s faster)
     from llavatune.data.encode import (
         Encoder,
+        SampleSkipped,
         anyres_image_tokens,
         has_variable_image_tokens,
         image_size,
@@ -302,7 +303,11 @@ def _measure_lengths(report: CheckReport, entries: list[Entry], model: str, max_
         if variable and ent.record.images:
             sizes = [image_size(resolve_under(root, p)) for p in ent.record.images]
             if encoder is not None:
-                n_img = sum(encoder.image_token_counts(sizes, len(sizes)))
+                try:
+                    n_img = sum(encoder.image_token_counts(sizes, len(sizes)))
+                except SampleSkipped as e:  # an image size the processor refuses: training skips the sample
+                    ent.add(WARNING, e.kind, f"{e}; training skips it")
+                    n_img = 0
             else:
                 n_img = sum(anyres_image_tokens(processor, sizes))
         else:
