@@ -1,4 +1,4 @@
-"""The shapes of common hub checkpoints, pinned so ``llavatune plan --model HUB_ID`` works offline.
+"""The shapes of common hub checkpoints of today's families, pinned so ``llavatune plan --model HUB_ID`` works offline.
 
 The values are the published ``config.json`` fields the planner reads (everything else is transformers' default for the
 model type); ``tests/test_plan.py`` builds each on the meta device and checks the planner's parameter counts against
@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 
-_CLIP_L_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
-               "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
-               "projection_dim": 768}
 _SIGLIP_SO400M = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
                   "num_hidden_layers": 27, "num_attention_heads": 16, "patch_size": 14, "vision_use_head": False}
 _QWEN25_VIT = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
@@ -19,15 +16,6 @@ _QWEN25_VIT = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num
                "fullatt_block_indexes": [7, 15, 23, 31]}
 _QWEN2_VIT = {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "patch_size": 14,
               "spatial_merge_size": 2, "temporal_patch_size": 2}
-
-
-def _llava(hidden, inter, layers, heads):
-    return {"model_type": "llava", "image_token_index": 32000, "vision_feature_layer": -2,
-            "vision_feature_select_strategy": "default",
-            "text_config": {"model_type": "llama", "vocab_size": 32064, "hidden_size": hidden,
-                            "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-                            "num_key_value_heads": heads},
-            "vision_config": dict(_CLIP_L_336)}
 
 
 def _qwen_text(hidden, inter, layers, heads, kv, vocab, tie, head_dim=None):
@@ -66,8 +54,6 @@ def _gemma3(hidden, inter, layers, heads, kv, head_dim):
 
 
 HUB_CONFIGS: dict[str, dict] = {
-    "llava-hf/llava-1.5-7b-hf": _llava(4096, 11008, 32, 32),
-    "llava-hf/llava-1.5-13b-hf": _llava(5120, 13824, 40, 40),
     "Qwen/Qwen2-VL-2B-Instruct": _qwen2_vl(1536, 8960, 28, 12, 2, 151936, True),
     "Qwen/Qwen2-VL-7B-Instruct": _qwen2_vl(3584, 18944, 28, 28, 4, 152064, False),
     "Qwen/Qwen2.5-VL-3B-Instruct": _qwen2_5_vl(2048, 11008, 36, 16, 2, 151936, True),
