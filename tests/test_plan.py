@@ -201,7 +201,8 @@ PUBLISHED_SIZES = {"Qwen/Qwen2-VL-2B-Instruct": 2.21, "Qwen/Qwen2-VL-7B-Instruct
                    "Qwen/Qwen2.5-VL-3B-Instruct": 3.75, "Qwen/Qwen2.5-VL-7B-Instruct": 8.29,
                    "Qwen/Qwen2.5-VL-72B-Instruct": 73.4, "Qwen/Qwen3-VL-4B-Instruct": 4.44,
                    "Qwen/Qwen3-VL-8B-Instruct": 8.77, "google/gemma-3-4b-it": 4.3, "google/gemma-3-12b-it": 12.2,
-                   "google/gemma-3-27b-it": 27.4, "google/paligemma2-3b-pt-224": 3.0}
+                   "google/gemma-3-27b-it": 27.4, "google/paligemma2-3b-pt-224": 3.0,
+                   "HuggingFaceTB/SmolVLM-256M-Instruct": 0.256}
 
 
 @pytest.mark.parametrize("ref", sorted(PUBLISHED_SIZES))
@@ -239,3 +240,19 @@ def test_plan_knows_todays_families_offline(capsys):
     assert "391 image tokens" in out
     spec = load_spec("google/gemma-3-4b-it")
     assert spec.image_tokens == 260 and spec.tied_embeddings
+
+
+@pytest.mark.parametrize("name", ["tiny-next", "tiny-llava_onevision", "tiny-paligemma", "tiny-qwen2_vl",
+                                  "tiny-qwen2_5_vl", "tiny-qwen3_vl", "tiny-gemma3", "tiny-idefics3", "tiny-smolvlm"])
+def test_every_tiny_familys_parameters_are_counted_exactly(name):
+    from llavatune.model.families import TINY_MODELS
+    from llavatune.model.tiny import build_tiny_model
+
+    model, _ = build_tiny_model(name, ["What color is the shape? red blue"])
+    fam = TINY_MODELS[name]
+    real = {"vision": 0, "projector": 0, "llm": 0}
+    for n, p in model.named_parameters():
+        real[fam.parameter_group(n)] += p.numel()
+    c = spec_from_config(model.config.to_dict()).count()
+    assert (c["vision"], c["projector"]) == (real["vision"], real["projector"])
+    assert c["llm_linear"] + c["llm_other"] + c["embed"] + c["lm_head"] == real["llm"]

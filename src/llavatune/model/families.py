@@ -192,28 +192,27 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         hub_examples=("google/gemma-3-4b-it", "google/gemma-3-12b-it", "google/gemma-3-27b-it"),
         hub_pattern=r"gemma-3|gemma3", status="LoRA, QLoRA, full, eval, merge and stock reload tested on the tiny model",
     ),
-    # Known but not trained yet: the facts below are read from transformers' code (models/<family>/); what is missing
-    # is each family's tiny builder, tests and, where noted, a collate rule or hook.
     Family(
         "idefics3", ("idefics3",), ("Idefics3Processor",), vision=("vision_model",), projector=("connector",),
-        language_model="text_model", stage1="the connector (pixel shuffle + linear)", placeholder="<image>",
-        end_of_turn=("<end_of_utterance>",), expansion="processor",
+        language_model="text_model", stage1="the connector (pixel shuffle + linear modality projection)",
+        placeholder="<image>", end_of_turn=("<end_of_utterance>",), expansion="processor",
         image_inputs=("pixel_values", "pixel_attention_mask"),
-        collate={"pixel_values": "pad_cat", "pixel_attention_mask": "pad_cat"},
-        hub_examples=("HuggingFaceM4/Idefics3-8B-Llama3",), hub_pattern=r"idefics3", supported=False,
-        status="not yet supported: no tiny model or tests yet (image splitting with <row_i_col_j>/<global-img> tokens, "
-               "pixel_attention_mask per sample)",
+        collate={"pixel_values": "pad_cat", "pixel_attention_mask": "pad_cat"}, tiny="tiny-idefics3",
+        hub_examples=("HuggingFaceM4/Idefics3-8B-Llama3",), hub_pattern=r"idefics3",
+        status="LoRA, QLoRA, eval, merge and stock reload tested on the tiny model",
     ),
     Family(
         "smolvlm", ("smolvlm",), ("SmolVLMProcessor",), vision=("vision_model",), projector=("connector",),
-        language_model="text_model", stage1="the connector (pixel shuffle + linear)", placeholder="<image>",
-        end_of_turn=("<end_of_utterance>",), expansion="processor",
+        language_model="text_model", stage1="the connector (pixel shuffle + linear modality projection)",
+        placeholder="<image>", end_of_turn=("<end_of_utterance>",), expansion="processor",
         image_inputs=("pixel_values", "pixel_attention_mask"),
-        collate={"pixel_values": "pad_cat", "pixel_attention_mask": "pad_cat"},
+        collate={"pixel_values": "pad_cat", "pixel_attention_mask": "pad_cat"}, tiny="tiny-smolvlm",
         hub_examples=("HuggingFaceTB/SmolVLM-256M-Instruct", "HuggingFaceTB/SmolVLM2-2.2B-Instruct"),
-        hub_pattern=r"smolvlm", supported=False, pip_extras=("num2words",),
-        status="not yet supported: no tiny model or tests yet (as idefics3; its processor imports num2words)",
+        hub_pattern=r"smolvlm", pip_extras=("num2words",),
+        status="LoRA, QLoRA, eval, merge and stock reload tested on the tiny model",
     ),
+    # Known but not trained yet: the facts below are read from transformers' code (models/<family>/); what is missing
+    # is each family's tiny builder, tests and, where noted, a collate rule or hook.
     Family(
         "mistral3", ("mistral3",), ("PixtralProcessor",), vision=("vision_tower",), projector=("multi_modal_projector",),
         language_model="language_model", stage1="the projector (multi_modal_projector, with its patch merger)",

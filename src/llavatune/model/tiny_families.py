@@ -231,6 +231,52 @@ def _llava_onevision(texts: Iterable[str]):
     return model, processor
 
 
+# ---------------------------------------------------------------------------------------------- Idefics3 / SmolVLM
+
+ROW_COL = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+
+
+def _idefics3(family: str):
+    """Idefics3 / SmolVLM: the image split into 32-pixel crops (up to 2 x 2 of a 64-pixel image) plus a global view,
+    each crop's 4 x 4 patches pixel-shuffled into 4 tokens between <fake_token_around_image> and its <row_i_col_j>
+    (or <global-img>) tag; Llama text model; turns end with <end_of_utterance>."""
+
+    def build(texts: Iterable[str]):
+        import transformers
+
+        smol = family == "smolvlm"
+        bos = "<|im_start|>" if smol else "<|begin_of_text|>"  # the templates write it first
+        specials = [bos, "<|end_of_text|>", "<|finetune_right_pad_id|>", "<fake_token_around_image>", "<image>",
+                    "<end_of_utterance>", "<global-img>", *ROW_COL]
+        tokenizer = bpe_tokenizer(list(texts) + ["User: Assistant:"], specials, bos=bos, add_bos=not smol,
+                                  eos_token="<end_of_utterance>", pad_token="<|finetune_right_pad_id|>")
+        tokenizer.chat_template = chat_template(family)
+        sizes = dict(size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE})
+        seq = (IMAGE_SIZE // PATCH) ** 2 // 4  # scale_factor 2: 4 patches per token
+        if smol:
+            processor = transformers.SmolVLMProcessor(
+                image_processor=transformers.SmolVLMImageProcessor(**sizes), tokenizer=tokenizer,
+                video_processor=transformers.SmolVLMVideoProcessor(**sizes), image_seq_len=seq,
+                chat_template=tokenizer.chat_template)
+        else:
+            processor = transformers.Idefics3Processor(image_processor=transformers.Idefics3ImageProcessor(**sizes),
+                                                       tokenizer=tokenizer, image_seq_len=seq,
+                                                       chat_template=tokenizer.chat_template)
+        tokenizer = processor.tokenizer
+        image, eou, pad, bos_id = _ids(tokenizer, "<image>", "<end_of_utterance>", "<|finetune_right_pad_id|>", bos)
+        text = dict(TEXT, model_type="llama", vocab_size=len(tokenizer), pad_token_id=pad, eos_token_id=eou,
+                    bos_token_id=bos_id)
+        vision = dict(VISION, image_size=IMAGE_SIZE, patch_size=PATCH)
+        config_cls = transformers.SmolVLMConfig if smol else transformers.Idefics3Config
+        model_cls = (transformers.SmolVLMForConditionalGeneration if smol
+                     else transformers.Idefics3ForConditionalGeneration)
+        model = model_cls(config_cls(vision_config=vision, text_config=text, scale_factor=2, image_token_id=image))
+        _generation(model, eos=[eou], pad=pad, bos=bos_id)
+        return model, processor
+
+    return build
+
+
 def _generation(model, eos: list[int], pad: int, bos: int | None) -> None:
     """Generation settings as the released checkpoints' generation_config.json has them: stop at the end of a turn."""
     gen = model.generation_config
@@ -246,6 +292,8 @@ BUILDERS: dict[str, Callable[[Iterable[str]], tuple[Any, Any]]] = {
     "gemma3": _gemma3,
     "paligemma": _paligemma,
     "llava_onevision": _llava_onevision,
+    "idefics3": _idefics3("idefics3"),
+    "smolvlm": _idefics3("smolvlm"),
 }
 
 

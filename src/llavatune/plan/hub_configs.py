@@ -68,6 +68,13 @@ HUB_CONFIGS: dict[str, dict] = {
     "google/gemma-3-4b-it": _gemma3(2560, 10240, 34, 8, 4, 256),
     "google/gemma-3-12b-it": _gemma3(3840, 15360, 48, 16, 8, 256),
     "google/gemma-3-27b-it": _gemma3(5376, 21504, 62, 32, 16, 128),
+    "HuggingFaceTB/SmolVLM-256M-Instruct": {
+        "model_type": "smolvlm", "scale_factor": 4, "tie_word_embeddings": False,
+        "text_config": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                        "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49280,
+                        "tie_word_embeddings": False},
+        "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                          "num_attention_heads": 12, "image_size": 512, "patch_size": 16}},
     "google/paligemma2-3b-pt-224": {
         "model_type": "paligemma", "projection_dim": 2304, "hidden_size": 2304,
         "text_config": {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,

@@ -98,7 +98,7 @@ class ModelSpec:
         if self.v_layers:
             patches = (self.image_size // p) ** 2
             per_layer = self._vision_linear_per_layer() + 4 * vh  # + two layer norms
-            if self.vision_type.startswith("siglip"):
+            if self.vision_type.startswith(SIGLIP_LIKE):
                 vision = self.channels * p * p * vh + vh + patches * vh + self.v_layers * per_layer + 2 * vh
             else:  # CLIP: class embedding, position embeddings incl. CLS, pre- and post-layernorm
                 vision = self.channels * p * p * vh + vh + (patches + 1) * vh + 4 * vh + self.v_layers * per_layer
@@ -186,7 +186,7 @@ def spec_from_config(cfg: Any, name: str = "model") -> ModelSpec:
         spec.channels = _get(vision, "num_channels") or 3
         n = (spec.image_size // spec.patch_size) ** 2
         strategy = _get(cfg, "vision_feature_select_strategy", "default")
-        if strategy == "full" and not vtype.startswith("siglip"):
+        if strategy == "full" and not vtype.startswith(SIGLIP_LIKE):
             n += 1
         mtype = _get(cfg, "model_type") or "llava"
         if mtype == "llava_next":
@@ -198,7 +198,7 @@ def spec_from_config(cfg: Any, name: str = "model") -> ModelSpec:
         layer = _get(cfg, "vision_feature_layer", -2)
         spec.projector_in = spec.v_hidden * (len(layer) if isinstance(layer, (list, tuple)) else 1)
         spec.projector_bias = bool(_get(cfg, "multimodal_projector_bias", True))
-        if not (vtype.startswith("clip") or vtype.startswith("siglip")):
+        if not vtype.startswith(("clip",) + SIGLIP_LIKE):
             spec.notes.append(f"vision tower type '{vtype}' is counted as a CLIP-style ViT (approximate)")
     _family_shapes(spec, cfg)
     return spec
@@ -208,6 +208,8 @@ def spec_from_config(cfg: Any, name: str = "model") -> ModelSpec:
 LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3", "vicuna", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text",
                "gemma", "gemma2", "gemma3_text")
 QKV_BIAS = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
+# Vision towers counted by the SigLIP formula (no CLS token, no pre-layernorm)
+SIGLIP_LIKE = ("siglip", "idefics3_vision", "smolvlm_vision")
 # The image every family's token count is given for: a COCO photo (OK-VQA, VQAv2), 640 x 480
 TYPICAL_IMAGE = (480, 640)
 
@@ -277,6 +279,19 @@ def _family_shapes(spec: ModelSpec, cfg: Any) -> None:
         spec.image_tokens = n + 4  # "\n\n" <start_of_image> ... <end_of_image> "\n\n"
     elif mtype == "paligemma":
         spec.projector_params = spec.v_hidden * spec.hidden + spec.hidden
+    elif mtype in ("idefics3", "smolvlm"):
+        # the connector: pixel shuffle (scale_factor^2 patches per token) and one linear layer without bias
+        scale = _get(cfg, "scale_factor") or 2
+        spec.projector_params = spec.v_hidden * scale * scale * spec.hidden
+        spec.projector_in = spec.v_hidden * scale * scale
+        # the image resized to 4 crops' width on its longest side, split into crops of the tower's size, + a global view
+        per_crop = (spec.image_size // spec.patch_size) ** 2 // (scale * scale)
+        side = 4 * spec.image_size
+        h, w = TYPICAL_IMAGE
+        rows, cols = (-(-round(side * h / max(h, w)) // spec.image_size), -(-round(side * w / max(h, w)) // spec.image_size))
+        spec.image_tokens = (rows * cols + 1) * (per_crop + 2) + rows
+        spec.notes.append(f"{spec.image_tokens} image tokens for a {w} x {h} image ({rows} x {cols} crops + a global "
+                          "view; the processor's split follows each image's size and its longest_edge setting)")
     elif mtype == "llava_next":
         spec.extra_other = spec.hidden  # image_newline
     elif mtype == "llava_onevision":
