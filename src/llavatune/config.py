@@ -98,8 +98,12 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
+    from llavatune.data.reader import DataError, read_text
+
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(read_text(p)) or {}
+    except DataError as e:
+        raise ConfigError(f"config file {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -219,6 +219,16 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, resume:
     return p
 
 
+def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"):
+    """A tqdm progress bar on stderr: shown on a terminal only (``disable=None``), gone when done (``leave=False``).
+
+    Wraps ``iterable`` when given; else ``update()`` it by hand (and ``close()`` it)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=None, leave=False, file=sys.stderr,
+                dynamic_ncols=True)
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is *now* (pytest's capture, a redirected stream), not the one at setup."""
 

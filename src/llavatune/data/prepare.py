@@ -44,16 +44,22 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 import yaml
 
 from llavatune.config import ConfigError, config, parse_config
+from llavatune.data.reader import existing_file, load_json, read_json_objects, read_jsonl_lines, read_text
 from llavatune.data.records import (
     IMAGE_TOKEN,
     DataError,
     Record,
     Turn,
-    read_json_objects,
-    read_jsonl_lines,
     write_records,
 )
-from llavatune.utils import UserError, atomic_write_json, atomic_write_text, prepare_output_dir, resolve_under
+from llavatune.utils import (
+    UserError,
+    atomic_write_json,
+    atomic_write_text,
+    prepare_output_dir,
+    progress,
+    resolve_under,
+)
 
 VQA_SUFFIX = "Answer the question using a single word or phrase."
 MAX_PRINTED_REJECTS = 10
@@ -299,24 +305,6 @@ def human_turn(question: str, suffix: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# JSON helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def _load_json(path: str | os.PathLike, flag: str) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(p, None, None, f"file not found (--{flag})")
-    try:
-        with open(p, "rb") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(p, None, None, f"not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise DataError(p, None, None, f"invalid UTF-8 at byte {e.start}; re-save the file as UTF-8") from None
-
-
-# --------------------------------------------------------------------------------------------------
 # COCO image index
 # --------------------------------------------------------------------------------------------------
 
@@ -386,7 +374,7 @@ def index_coco_images(folder: str | os.PathLike) -> CocoIndex:
 def _open_vqa(opts: OkvqaOptions | Vqav2Options, source: str) -> Opened:
     answer_field = getattr(opts, "answer_field", "answer")
     qfile, afile = Path(opts.questions), Path(opts.annotations)
-    qobj = _load_json(qfile, "questions")
+    qobj = load_json(qfile, "--questions")
     if not isinstance(qobj, dict) or not isinstance(qobj.get("questions"), list):
         hint = (
             "this looks like an annotations file; pass it as --annotations"
@@ -394,7 +382,7 @@ def _open_vqa(opts: OkvqaOptions | Vqav2Options, source: str) -> Opened:
             else f"expected the official {source} questions file: a JSON object with a 'questions' list"
         )
         raise DataError(qfile, None, "questions", hint)
-    aobj = _load_json(afile, "annotations")
+    aobj = load_json(afile, "--annotations")
     if not isinstance(aobj, dict) or not isinstance(aobj.get("annotations"), list):
         hint = (
             "this looks like a questions file; pass it as --questions"
@@ -597,24 +585,20 @@ def _image_root(opt_root: str | None, default: Path) -> Path:
 
 
 def _open_csv(opts: CsvOptions) -> Opened:
-    file = Path(opts.input)
-    if not file.is_file():
-        raise DataError(file, None, None, "file not found (--input)")
+    file = existing_file(opts.input, "--input")
+    text = read_text(file)
     root = _image_root(opts.image_root, file.parent)
     delimiter = opts.delimiter or ("\t" if file.suffix.lower() == ".tsv" else ",")
     cols = _Columns(
         opts.image_column, opts.question_column, opts.answer_column, opts.answers_column, opts.id_column, "column"
     )
     try:
-        with open(file, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter=delimiter)
-            header = next(reader, None)
-            rows = []
-            for row in reader:
-                if any(cell.strip() for cell in row):
-                    rows.append((reader.line_num, row))
-    except UnicodeDecodeError as e:
-        raise DataError(file, None, None, f"invalid UTF-8 at byte {e.start}; re-save the file as UTF-8") from None
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        header = next(reader, None)
+        rows = []
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                rows.append((reader.line_num, row))
     except csv.Error as e:
         raise DataError(file, None, None, f"not valid CSV: {e}") from None
     if not header:
@@ -642,15 +626,13 @@ def _open_csv(opts: CsvOptions) -> Opened:
 
 
 def _open_jsonl(opts: JsonlOptions) -> Opened:
-    file = Path(opts.input)
-    if not file.is_file():
-        raise DataError(file, None, None, "file not found (--input)")
+    file = existing_file(opts.input, "--input")
     root = _image_root(opts.image_root, file.parent)
     cols = _Columns(opts.image_key, opts.question_key, opts.answer_key, opts.answers_key, opts.id_key, "key")
     if file.suffix.lower() == ".json":
-        objs = [(f"#{i}", o) for i, o in enumerate(read_json_objects(file))]
+        objs = [(f"#{i}", o) for i, o in enumerate(read_json_objects(file, "--input"))]
     else:
-        objs = [(f"line {n}", o) for n, o in read_jsonl_lines(file)]
+        objs = [(f"line {n}", o) for n, o in read_jsonl_lines(file, "--input")]
     stem = file.stem
 
     def iterate(_stage: Path) -> Iterator[Item | Reject]:
@@ -914,14 +896,6 @@ def split_items(items: list[Item], fraction: float, seed: int) -> dict[str, list
     return {"train": [it for it in items if it.dest not in val], "val": [it for it in items if it.dest in val]}
 
 
-def _progress(it: Iterable, total: int | None, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return it
-    return tqdm(it, total=total, desc=desc, unit="rec", disable=None, leave=False, file=sys.stderr)
-
-
 def _check_out_vs_inputs(out: Path, inputs: dict[str, str]) -> None:
     out_r = out.resolve()
     for name, value in inputs.items():
@@ -948,7 +922,7 @@ def run_prepare(source: str, opts: Any, out_opts: OutputOptions) -> dict[str, An
         rejects: list[Reject] = []
         ids: dict[str, str] = {}
         read = 0
-        for x in _progress(opened.iterate(stage), opened.total, f"prepare {source}"):
+        for x in progress(opened.iterate(stage), total=opened.total, desc=f"prepare {source}", unit="rec"):
             read += 1
             if isinstance(x, Reject):
                 if out_opts.strict:
@@ -982,7 +956,7 @@ def run_prepare(source: str, opts: Any, out_opts: OutputOptions) -> dict[str, An
             base = out / name if name else out
             placed: dict[str, str] = {}
             records = []
-            for it in _progress(its, len(its), f"images {name or 'all'}"):
+            for it in progress(its, total=len(its), desc=f"images {name or 'all'}", unit="rec"):
                 rel = placed.get(it.dest)
                 if rel is None:
                     rel = f"images/{it.dest}"

@@ -50,12 +50,12 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 from llavatune.config import ConfigError, config, parse_config
+from llavatune.data.reader import existing_file, load_json, parse_json, read_jsonl_lines, read_text
 from llavatune.data.records import (
     IMAGE_TOKEN,
     DataError,
     Record,
     Turn,
-    read_jsonl_lines,
     record_problems,
     write_records,
 )
@@ -66,6 +66,7 @@ from llavatune.utils import (
     check_output_file,
     image_path_mode,
     logger,
+    progress,
     rebase_image_path,
     resolve_under,
 )
@@ -226,16 +227,6 @@ def parse_examples(text: str, name: str = "<examples>") -> list[tuple[str, str]]
     return pairs
 
 
-def _read_text(path: str, flag: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--{flag} {path}: file not found")
-    try:
-        return p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise ConfigError(f"--{flag} {path}: not UTF-8 text") from None
-
-
 def builtin_prompt_file(kind: str, part: str) -> str:
     """The text of a built-in prompt file (``part``: 'system' or 'examples')."""
     return resources.files("llavatune.data").joinpath("synth_prompts", f"{kind}_{part}.txt").read_text("utf-8")
@@ -243,17 +234,14 @@ def builtin_prompt_file(kind: str, part: str) -> str:
 
 def load_prompts(kind: str, system_file: str | None = None, examples_file: str | None = None) -> PromptSet:
     """The prompts of ``kind``: built-in, or replaced by ``system_file`` / ``examples_file``."""
-    system = _read_text(system_file, "system-prompt") if system_file else builtin_prompt_file(kind, "system")
+    system = read_text(system_file, "--system-prompt") if system_file else builtin_prompt_file(kind, "system")
     system = system.strip()
     if not system:
         raise ConfigError(f"--system-prompt {system_file}: the file is empty")
     if examples_file:
-        text = _read_text(examples_file, "examples")
+        text = read_text(examples_file, "--examples")
         if examples_file.endswith(".json"):
-            try:
-                data = json.loads(text) if text.strip() else []
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"--examples {examples_file}: not valid JSON: {e}") from None
+            data = parse_json(text, examples_file) if text.strip() else []
             ok = isinstance(data, list) and all(
                 isinstance(d, dict) and isinstance(d.get("user"), str) and isinstance(d.get("assistant"), str)
                 for d in data
@@ -371,17 +359,6 @@ def _coco_split(path: Path, prefix: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _load_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise DataError(path, None, None, f"{what} not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as e:
-        raise DataError(path, None, None, f"not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-    except UnicodeDecodeError:
-        raise DataError(path, None, None, "not UTF-8 text; re-save the file as UTF-8") from None
-
-
 def _coco_instances(args: SynthArgs, path: Path) -> Path | None:
     if args.instances:
         p = Path(args.instances)
@@ -412,7 +389,7 @@ def load_coco(args: SynthArgs, path: Path, data: dict, root: Path) -> Iterable[I
     boxes: dict[Any, list[tuple[str, Any]]] = {}
     inst_path = _coco_instances(args, path)
     if inst_path:
-        inst = _load_json(inst_path, "instances file")
+        inst = load_json(inst_path, "--instances")
         if not isinstance(inst, dict) or not isinstance(inst.get("annotations"), list):
             raise DataError(inst_path, None, None, "a COCO instances file needs an 'annotations' list")
         cats = {c.get("id"): c.get("name") for c in inst.get("categories") or [] if isinstance(c, dict)}
@@ -516,15 +493,13 @@ def load_jsonl(args: SynthArgs, path: Path, root: Path, data: Any = None) -> Ite
 
 def load_items(args: SynthArgs) -> tuple[list[Item], list[Reject]]:
     """Read ``--input``; apply ``--limit`` (usable images); reject duplicates. Returns (items, rejects)."""
-    path = Path(args.input)  # type: ignore[arg-type]
-    if not path.is_file():
-        raise DataError(path, None, None, "file not found")
+    path = existing_file(args.input, "--input")  # type: ignore[arg-type]
     root = Path(args.images) if args.images else path.parent
     if not root.is_dir():
         raise UserError(f"--images {root} is not a folder")
     root = root.resolve()
     if path.suffix == ".json":
-        data = _load_json(path, "input file")
+        data = load_json(path)
         source = load_coco(args, path, data, root) if isinstance(data, dict) else load_jsonl(args, path, root, data)
     else:
         source = load_jsonl(args, path, root)
@@ -947,14 +922,6 @@ def build_jobs(args: SynthArgs, prompts: PromptSet, items: list[Item]) -> list[J
     return jobs
 
 
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, unit="img", disable=None, leave=False, file=sys.stderr, dynamic_ncols=True)
-
-
 def run_requests(
     args: SynthArgs, client: ChatClient, cache: ReplyCache, jobs: list[Job], usage: Usage
 ) -> dict[str, str]:
@@ -994,7 +961,7 @@ def run_requests(
         cache.append(entry)  # in the worker: a reply that arrived is never lost, even on Ctrl-C
         return entry
 
-    bar = _progress(len(jobs), f"synth {args.kind}")
+    bar = progress(total=len(jobs), desc=f"synth {args.kind}", unit="img")
     consecutive = 0
     pool = ThreadPoolExecutor(max_workers=args.concurrency, thread_name_prefix="synth")
     pending = iter(jobs)
