@@ -218,15 +218,14 @@ def build_model(work: Path, kind: str, data_json: Path) -> Path:
     on the data's text, image size and patch size of the config); the embedding is sized like the real
     model's, larger than the tokenizer, which only means unused rows.
     """
-    from llavatune.data.records import load_records
-    from llavatune.model import loader
+    from llavatune.data.records import collect_texts, load_records
     from llavatune.model.tiny import build_tiny
 
     name = "model-cpu-" + "-".join(str(v) for v in CPU_MODEL.values()) if kind == "cpu" else f"model-llava-{kind}-random"
     out = work / name
     if (out / "config.json").is_file():
         return out
-    texts = loader.collect_texts(load_records(str(data_json)))
+    texts = collect_texts(load_records(str(data_json)))
     t = time.perf_counter()
     if kind == "cpu":
         build_tiny(texts, out, **CPU_MODEL)

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from llavatune.files import CONFIG_FILE, META_FILE, METRICS_FILE, OUTPUT_MARKER, PREPARE_REPORT_FILE
+
 logger = logging.getLogger("llavatune")
 
 
@@ -94,16 +96,15 @@ def rebase_image_path(rel: str, root: Path, out_dir: Path) -> str:
 
 # ------------------------------------------------------------------------------- outputs never touch inputs
 
-OUTPUT_MARKER = "llavatune_output.json"
-"""Written first into every folder a llavatune command creates; ``--overwrite`` removes only folders that have it
-(or the files older llavatune versions left in their outputs, :data:`LEGACY_MARKERS`)."""
+# OUTPUT_MARKER is written first into every folder a llavatune command creates; ``--overwrite`` removes only folders
+# that have it (or the files older llavatune versions left in their outputs, LEGACY_MARKERS).
 
 LEGACY_MARKERS = (  # (kind, files that must all be there), first match wins
-    ("prepare", ("prepare_report.json",)),  # prepare writes a llavatune_config.yaml too
-    ("train", ("llavatune_config.yaml", "metrics.jsonl")),
-    ("train", ("llavatune_config.yaml", "llavatune_checkpoint.json")),
-    ("train", ("llavatune_config.yaml", "base_model/config.json")),
-    ("merge", ("llavatune_checkpoint.json", "config.json")),
+    ("prepare", (PREPARE_REPORT_FILE,)),  # prepare writes a llavatune_config.yaml too
+    ("train", (CONFIG_FILE, METRICS_FILE)),
+    ("train", (CONFIG_FILE, META_FILE)),
+    ("train", (CONFIG_FILE, "base_model/config.json")),
+    ("merge", (META_FILE, "config.json")),
 )
 
 

@@ -41,9 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
-import yaml
-
-from llavatune.config import ConfigError, config, parse_config
+from llavatune._compat import streaming_features
+from llavatune.config import ConfigError, config, parse_config, save_resolved
 from llavatune.data.reader import existing_file, load_json, read_json_objects, read_jsonl_lines, read_text
 from llavatune.data.records import (
     IMAGE_TOKEN,
@@ -52,6 +51,7 @@ from llavatune.data.records import (
     Turn,
     write_records,
 )
+from llavatune.files import CONFIG_FILE, PREPARE_REJECTS_FILE, PREPARE_REPORT_FILE
 from llavatune.utils import (
     UserError,
     atomic_write_json,
@@ -747,10 +747,8 @@ def _open_hf(opts: HfOptions) -> Opened:
 
     try:
         ds, n, base = _load_hf(opts, tmp)
+        ds = streaming_features(ds)  # streaming without a known schema: resolved from the first rows
         features = ds.features
-        if features is None:  # streaming without a known schema: resolve it from the first rows
-            ds = ds._resolve_features()
-            features = ds.features
     except BaseException:
         cleanup()
         raise
@@ -981,8 +979,8 @@ def run_prepare(source: str, opts: Any, out_opts: OutputOptions) -> dict[str, An
 
     reasons = collections.Counter(r.reason for r in rejects)
     if rejects:
-        atomic_write_text(out / "rejects.jsonl", "".join(json.dumps(r.to_json()) + "\n" for r in rejects))
-        outputs["rejects"] = str(out / "rejects.jsonl")
+        atomic_write_text(out / PREPARE_REJECTS_FILE, "".join(json.dumps(r.to_json()) + "\n" for r in rejects))
+        outputs["rejects"] = str(out / PREPARE_REJECTS_FILE)
     from llavatune import __version__
 
     report = {
@@ -1006,11 +1004,9 @@ def run_prepare(source: str, opts: Any, out_opts: OutputOptions) -> dict[str, An
         "seconds": round(time.perf_counter() - t0, 3),
         "llavatune_version": __version__,
     }
-    atomic_write_json(out / "prepare_report.json", report)
-    config_yaml = f"# llavatune prepare {source} {out / 'llavatune_config.yaml'}\n" + yaml.safe_dump(
-        report["options"], sort_keys=False
-    )
-    atomic_write_text(out / "llavatune_config.yaml", config_yaml)
+    atomic_write_json(out / PREPARE_REPORT_FILE, report)
+    save_resolved(out / CONFIG_FILE, {source: opts, "output": out_opts},
+                  command=f"llavatune prepare {source} {out / CONFIG_FILE}")
     return report
 
 

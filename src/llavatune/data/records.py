@@ -184,6 +184,11 @@ def load_records(path: str | os.PathLike) -> list[Record]:
     return [parse_record(o, path, i) for i, o in enumerate(read_json_objects(path))]
 
 
+def collect_texts(records: Iterable[Record]) -> list[str]:
+    """Every turn's text, in order: what a built-in tiny model trains its tokenizer on (``train --model tiny``)."""
+    return [t.value for r in records for t in r.conversations]
+
+
 def write_records(path: str | os.PathLike, records: Iterable[Record]) -> None:
     """Write records as a LLaVA-format JSON list (atomically)."""
     atomic_write_json(path, [r.to_llava() for r in records], indent=1)

@@ -23,11 +23,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from llavatune.config import CONFIG_FILE, config, parse_config, save_resolved
+from llavatune.config import config, parse_config, save_resolved
+from llavatune.files import CONFIG_FILE, META_FILE
 from llavatune.utils import UserError, atomic_write_json, check_output_dir, write_output_marker
 
 logger = logging.getLogger("llavatune")
-QUANTIZED_LAYERS = ("Linear4bit", "Linear8bitLt", "Params4bit", "Int8Params")
 
 
 def check_out_dir(out: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
@@ -76,8 +76,6 @@ def write_atomically(out: str | os.PathLike, write: Callable[[Path], None]) -> P
 def save_model(out: str | os.PathLike, model, processor, meta: dict, config: dict | None = None) -> Path:
     """Write ``model``, ``processor``, the llavatune metadata file and the resolved command configuration
     (``config``: ``{section: dataclass}``, as ``llavatune_config.yaml``) into ``out`` (via :func:`write_atomically`)."""
-    from llavatune.model.loader import META_FILE
-
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -91,11 +89,10 @@ def save_model(out: str | os.PathLike, model, processor, meta: dict, config: dic
 
 def _base_dtype(ckpt: Path, base_model: str | None) -> str:
     """The dtype the adapter's base model was saved in (so a 7B fp16 base merges into fp16), else 'auto'."""
-    from llavatune.model.loader import _resolve_base, read_meta
+    from llavatune.model.loader import adapter_base
 
     try:
-        adapter_cfg = json.loads((ckpt / "adapter_config.json").read_text())
-        base = base_model or _resolve_base(ckpt, read_meta(ckpt), adapter_cfg)
+        base = adapter_base(ckpt, base_model)
         cfg = json.loads((Path(base) / "config.json").read_text())
     except (OSError, ValueError, UserError):
         return "auto"
@@ -104,8 +101,9 @@ def _base_dtype(ckpt: Path, base_model: str | None) -> str:
 
 
 def _check_unquantized(model) -> None:
-    found = {type(m).__name__ for m in model.modules()} | {type(p).__name__ for p in model.parameters()}
-    bad = sorted(found & set(QUANTIZED_LAYERS))
+    from llavatune.model.bnb import quantized_parts
+
+    bad = quantized_parts(model)
     if bad or getattr(model.config, "quantization_config", None):
         raise RuntimeError(f"merge: the base model was loaded quantized ({', '.join(bad) or 'quantization_config'}); "
                            "refusing to write a requantized merge")

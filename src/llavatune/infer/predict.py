@@ -55,6 +55,7 @@ def load_predictor(model: str, base_model: str | None = None, dtype: str = "auto
     import torch
 
     from llavatune.data.encode import Encoder
+    from llavatune.model.bnb import is_quantized
     from llavatune.model.loader import load_checkpoint
 
     if not model:
@@ -63,9 +64,7 @@ def load_predictor(model: str, base_model: str | None = None, dtype: str = "auto
         raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
     m, processor, info = load_checkpoint(model, dtype=dtype, base_model=base_model, quantized=quantized)
     target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    quantized_model = getattr(m, "is_loaded_in_4bit", False) or getattr(m, "is_loaded_in_8bit", False) or any(
-        type(x).__name__ in ("Linear4bit", "Linear8bitLt") for x in m.modules())
-    if not quantized_model:
+    if not is_quantized(m):
         m = m.to(target)
     if getattr(processor, "image_processor", None) is None:
         raise UserError(f"{model}: no image processor found (processor_config.json / preprocessor_config.json); "

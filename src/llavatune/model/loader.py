@@ -17,15 +17,16 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
+from llavatune.files import META_FILE
+from llavatune.model.bnb import is_4bit_param, is_quantized_layer
 from llavatune.model.refs import is_hub_id, looks_local, resolve_model
 from llavatune.utils import UserError
 
 logger = logging.getLogger("llavatune")
-META_FILE = "llavatune_checkpoint.json"
 PROJECTOR = "multi_modal_projector"
 VISION = "vision_tower"
 
@@ -215,9 +216,7 @@ def linear_module_names(model: torch.nn.Module, under: str) -> list[str]:
 
 
 def _is_linear(mod) -> bool:
-    if isinstance(mod, torch.nn.Linear):
-        return True
-    return type(mod).__name__ in ("Linear4bit", "Linear8bitLt")
+    return isinstance(mod, torch.nn.Linear) or is_quantized_layer(mod)
 
 
 def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpointing: bool = False,
@@ -301,7 +300,7 @@ def _keep_frozen_matmul_weights_16bit(model: torch.nn.Module, loaded_dtypes: dic
 def parameter_summary(model: torch.nn.Module) -> str:
     groups: dict[str, list[int]] = {}
     for name, p in model.named_parameters():
-        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+        n = p.numel() * (2 if is_4bit_param(p) else 1)
         key = "lora" if "lora_" in name else PROJECTOR if PROJECTOR in name else VISION if VISION in name else "llm"
         g = groups.setdefault(key, [0, 0])
         g[0] += n
@@ -332,6 +331,20 @@ def write_meta(ckpt_dir: str | os.PathLike, meta: dict) -> None:
 def read_meta(ckpt_dir: str | os.PathLike) -> dict:
     p = Path(ckpt_dir) / META_FILE
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def adapter_base(ckpt: str | os.PathLike, base_model: str | None = None) -> str:
+    """The base model an adapter checkpoint loads onto: ``base_model`` (``--base_model``) when given, else the one
+    it recorded (``llavatune_checkpoint.json``, then PEFT's ``adapter_config.json``); a one-line ``UserError`` when
+    none of them can be found."""
+    if base_model:
+        return base_model
+    ckpt = Path(ckpt)
+    try:
+        adapter_cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        adapter_cfg = {}
+    return _resolve_base(ckpt, read_meta(ckpt), adapter_cfg)
 
 
 def _resolve_base(ckpt: Path, meta: dict, adapter_cfg: dict) -> str:
@@ -409,7 +422,3 @@ def load_checkpoint(
                         "re-export it with 'llavatune merge'")
     model, processor = load_base(str(p), resolve_dtype(dtype), trust_remote_code=trust_remote_code)
     return model.eval(), processor, {"kind": "full", "base_model": str(p), **meta}
-
-
-def collect_texts(records: Iterable) -> list[str]:
-    return [t.value for r in records for t in r.conversations]
