@@ -22,6 +22,10 @@ RESULTS = HERE / "results"
 # (llavatune.model.tiny.build_tiny), 224 px images, 16 px patches -> 196 image tokens per sample.
 CPU_MODEL = dict(image_size=224, patch_size=16, hidden_size=512, vision_hidden_size=512, num_layers=4)
 
+# The demo's model (llavatune demo): 32 px, 8 px patches -> 16 image tokens, hidden 128, 2 layers; small enough to
+# learn the shapes task on a CPU in minutes.
+SMALL_MODEL = dict(image_size=32, patch_size=8, hidden_size=128, vision_hidden_size=64)
+
 # --device cuda: LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px -> 576 image tokens, Llama-2-7B / Vicuna-7B,
 # vocabulary 32064), random weights in bf16.
 LLAVA15_7B = {
@@ -183,37 +187,49 @@ def quiet() -> None:
 
 
 def shapes_data(work: Path, n_images: int, questions_per_image: int = 3, image_size: int = 224,
-                split: str = "train") -> Path:
-    """The synthetic OK-VQA-layout shapes set, drawn at ``image_size`` px and converted with
-    ``llavatune prepare okvqa`` (LLaVA-1.5's short-answer prompt). Cached under ``work``; returns data.json."""
+                split: str = "train", layout: str = "okvqa", group_by_image: bool = False, seed: int = 0) -> Path:
+    """The synthetic shapes set in OK-VQA or VQAv2 layout, drawn at ``image_size`` px and converted with
+    ``llavatune prepare okvqa|vqav2`` (LLaVA-1.5's short-answer prompt; ``group_by_image``: one multi-turn record
+    per image). Cached under ``work``; returns data.json."""
     from llavatune.cli import main as cli
     from llavatune.data.synthetic import make_shapes_vqa
 
-    root = work / f"shapes-{n_images}x{questions_per_image}-{image_size}px"
-    out = root / "prepared" / split
+    name = f"shapes-{n_images}x{questions_per_image}-{image_size}px" + ("" if layout == "okvqa" else f"-{layout}")
+    root = work / (name + ("" if seed == 0 else f"-seed{seed}"))
+    out = root / ("prepared-grouped" if group_by_image else "prepared") / split
     if (out / "data.json").is_file():
         return out / "data.json"
     t = time.perf_counter()
     n_train, n_val = (n_images, 0) if split == "train" else (0, n_images)
-    paths = make_shapes_vqa(root / "raw", n_train_images=n_train, n_val_images=n_val,
-                            questions_per_image=questions_per_image, image_size=image_size, seed=0)
-    rc = cli(["prepare", "okvqa", "--questions", str(paths[f"{split}_questions"]),
-              "--annotations", str(paths[f"{split}_annotations"]), "--images", str(paths["images_dir"]),
-              "--out", str(out), "--overwrite"])
+    raw = root / f"raw-{split}"  # one set of images per split: the same name may be asked for as train and as val
+    key = "train_questions" if split == "train" else "val_questions"
+    if not (raw / "images").is_dir():
+        make_shapes_vqa(raw, n_train_images=n_train, n_val_images=n_val, questions_per_image=questions_per_image,
+                        image_size=image_size, seed=seed, layout=layout)
+    from llavatune.data.synthetic import LAYOUT_FILES
+
+    sub = f"{split}"
+    files = LAYOUT_FILES[layout]
+    rc = cli(["prepare", layout, "--questions", str(raw / files["questions"].format(split=sub)),
+              "--annotations", str(raw / files["annotations"].format(split=sub)), "--images", str(raw / "images"),
+              "--out", str(out), "--overwrite"] + (["--group-by-image"] if group_by_image else []))
     if rc:
-        raise SystemExit(f"prepare okvqa failed ({rc})")
+        raise SystemExit(f"prepare {layout} failed ({rc}) for {key}")
     import logging
 
     logging.getLogger("llavatune").setLevel(logging.WARNING)  # the CLI turned its progress logging on
-    print(f"data: {n_images} images x {questions_per_image} questions at {image_size}px in "
-          f"{time.perf_counter() - t:.1f}s -> {out / 'data.json'}", flush=True)
+    print(f"data: {n_images} images x {questions_per_image} questions at {image_size}px ({layout} layout"
+          f"{', grouped by image' if group_by_image else ''}) in {time.perf_counter() - t:.1f}s -> {out / 'data.json'}",
+          flush=True)
     return out / "data.json"
 
 
 def build_model(work: Path, kind: str, data_json: Path) -> Path:
     """A benchmark model, saved once as a llava-hf folder (with processor) under ``work``; returns the folder.
 
-    ``cpu``: ``build_tiny`` with :data:`CPU_MODEL` (fp32, ~20M parameters). ``1b``: :data:`LLAVA_1B`, ``7b``:
+    ``tiny``: ``build_tiny``'s own shapes (32 px, 16 image tokens; for ``gpu_suite.py --dry-run``). ``small``:
+    :data:`SMALL_MODEL` (the demo's). ``cpu``:
+    ``build_tiny`` with :data:`CPU_MODEL` (fp32, ~20M parameters). ``1b``: :data:`LLAVA_1B`, ``7b``:
     :data:`LLAVA15_7B` -- random weights saved in bf16, with the tiny model's processor and tokenizer (trained
     on the data's text, image size and patch size of the config); the embedding is sized like the real
     model's, larger than the tokenizer, which only means unused rows.
@@ -221,14 +237,16 @@ def build_model(work: Path, kind: str, data_json: Path) -> Path:
     from llavatune.data.records import collect_texts, load_records
     from llavatune.model.tiny import build_tiny
 
-    name = "model-cpu-" + "-".join(str(v) for v in CPU_MODEL.values()) if kind == "cpu" else f"model-llava-{kind}-random"
+    names = {"cpu": "model-cpu-" + "-".join(str(v) for v in CPU_MODEL.values()), "tiny": "model-tiny",
+             "small": "model-small-" + "-".join(str(v) for v in SMALL_MODEL.values())}
+    name = names.get(kind, f"model-llava-{kind}-random")
     out = work / name
     if (out / "config.json").is_file():
         return out
     texts = collect_texts(load_records(str(data_json)))
     t = time.perf_counter()
-    if kind == "cpu":
-        build_tiny(texts, out, **CPU_MODEL)
+    if kind in ("cpu", "tiny", "small"):
+        build_tiny(texts, out, **{"cpu": CPU_MODEL, "small": SMALL_MODEL, "tiny": {}}[kind])
     else:
         import torch
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration

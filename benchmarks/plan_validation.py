@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the built models are cached (~2 GiB)")
     ap.add_argument("--quick", action="store_true", help="tiny-model cases only (~1 minute)")
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps per case (the 2nd has AdamW states)")
+    ap.add_argument("--only", default=None,
+                    help="re-measure only the cases whose name contains this text; the others are kept from --out")
     ap.add_argument("--out", default=str(HERE / "results" / "plan_validation.json"))
     a = ap.parse_args(argv)
 
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     models = build_models(work)
     rows = []
     for name, model, method, dtype, batch, length, gc in CASES:
-        if a.quick and model != "tiny":
+        if (a.quick and model != "tiny") or (a.only and a.only not in name):
             continue
         t = time.time()
         m = measure_in_subprocess(models[model], method=method, dtype=dtype, batch=batch, length=length,
@@ -114,9 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{name:<42} measured {row['measured_peak_mib']:>9.1f} MiB  estimated {row['estimated_peak_mib']:>9.1f}"
               f" MiB  {row['error_pct']:+6.2f} %", flush=True)
+    out = Path(a.out)
+    if a.only and out.is_file():  # keep the cases not re-measured, in their order
+        new = {r["case"]: r for r in rows}
+        old = json.loads(out.read_text())["cases"]
+        rows = [new.pop(r["case"], r) for r in old] + list(new.values())
     result = {
         "benchmark": "llavatune plan --device cpu vs measured peak RSS of real training steps",
-        "command": "python benchmarks/plan_validation.py" + (" --quick" if a.quick else ""),
+        "command": "python benchmarks/plan_validation.py" + (" --quick" if a.quick else "")
+                   + (f" --only {a.only!r} (the other cases from the previous run)" if a.only else ""),
         "tolerance_pct": 100 * TOLERANCE,
         "method": "fresh process per case; VmHWM reset (/proc/self/clear_refs) after loading, peak minus the RSS "
                   "before loading (after a warm-up load + step that pages in code and one-time buffers); glibc "
@@ -128,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "seconds_total": round(time.time() - t0, 1),
     }
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}: max |error| {result['max_abs_error_pct']} %, all within {100 * TOLERANCE:.0f} %: "

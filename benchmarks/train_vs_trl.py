@@ -23,7 +23,14 @@ Throughput is measured from the end of step ``--warmup`` to the end of the last 
 CUDA synchronized): samples/s and tokens/s (non-padding tokens, image tokens included, from the Trainer's
 ``num_input_tokens_seen``). The ratio is the median over ``--repeats`` interleaved pairs. Final losses are
 reported for both; they are not comparable numbers: llavatune's is the mean over answer tokens, TRL's over
-every non-image token. ``--device cuda`` adds model FLOPs utilization and peak VRAM. Results go to
+every non-image token. ``--device cuda`` adds model FLOPs utilization and peak VRAM.
+
+Whole job (``--whole-process``, on by default): what a user waits for. Each side also runs as its own fresh
+``python`` process (``--repeats`` interleaved pairs) that imports its libraries, loads the model and data, trains
+the same steps and saves a checkpoint a user can load (llavatune: the output folder as ``llavatune train``
+leaves it -- adapter with projector, processor, config, report; TRL: ``trainer.save_model`` + the processor);
+measured from the launch of the process to the moment the checkpoint is saved (the child prints a wall-clock
+timestamp after saving), and the step window inside that process. Results go to
 ``benchmarks/results/train_vs_trl[_cuda].json``.
 """
 
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import shutil
 import sys
 import tempfile
@@ -83,6 +91,12 @@ class StepLog:
         return _StepLog()
 
 
+def bf16(a) -> bool:
+    """bf16 weights and autocast: on CUDA, and for QLoRA everywhere (TRL casts QLoRA's trainable weights to bf16,
+    which needs autocast even on a CPU)."""
+    return a.device == "cuda" or getattr(a, "method", "lora") == "qlora"
+
+
 def common_args(a) -> dict[str, Any]:
     """TrainingArguments both sides get (llavatune's recipe defaults, spelled out for TRL)."""
     cuda = a.device == "cuda"
@@ -90,17 +104,19 @@ def common_args(a) -> dict[str, Any]:
         per_device_train_batch_size=a.batch_size, max_steps=a.steps, learning_rate=2e-4, lr_scheduler_type="cosine",
         warmup_steps=0.03, weight_decay=0.0, optim="adamw_torch_fused", seed=a.seed, logging_steps=1,
         save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, gradient_checkpointing=False,
-        dataloader_num_workers=0, include_num_input_tokens_seen="non_padding", bf16=cuda, use_cpu=not cuda,
+        dataloader_num_workers=0, include_num_input_tokens_seen="non_padding", bf16=bf16(a), use_cpu=not cuda,
     )
 
 
 def run_llavatune(a, base: Path, data: Path, out: Path) -> dict[str, Any]:
+    """``llavatune.train.run.train``; it saves the final adapter, processor and config into ``out`` itself."""
     from llavatune.config import parse_config
     from llavatune.train.run import SECTIONS, train
 
     argv = ["--model", str(base), "--data", str(data), "--output_dir", str(out), "--overwrite", "true",
-            "--max_train_samples", str(a.steps * a.batch_size), "--dtype", "bfloat16" if a.device == "cuda" else "float32",
-            "--method", "lora", "--lora_r", str(a.lora_r), "--lora_alpha", str(2 * a.lora_r), "--lora_dropout", "0.05"]
+            "--max_train_samples", str(a.steps * a.batch_size), "--dtype", "bfloat16" if bf16(a) else "float32",
+            "--method", getattr(a, "method", "lora"), "--lora_r", str(a.lora_r), "--lora_alpha", str(2 * a.lora_r),
+            "--lora_dropout", "0.05"]
     targs = common_args(a)
     tokens_seen = targs.pop("include_num_input_tokens_seen")  # a str option the bool-typed flag cannot take
     for k, v in targs.items():
@@ -135,9 +151,16 @@ def run_trl(a, base: Path, data: Path, out: Path) -> dict[str, Any]:
 
     cuda = a.device == "cuda"
     t = time.perf_counter()
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = torch.bfloat16 if bf16(a) else torch.float32
     processor = AutoProcessor.from_pretrained(base)
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)
+    if getattr(a, "method", "lora") == "qlora":  # the same 4-bit layout as llavatune's (loader.quantization_kwargs)
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(**loader.quantization_kwargs(4, "nf4", True, dtype))
+        model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, quantization_config=quant,
+                                                            device_map={"": 0} if cuda else {"": "cpu"})
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)
     # --- the collator of TRL's examples/scripts/sft_vlm.py ---
     def collate_fn(examples):
         texts = [processor.apply_chat_template(example["messages"], tokenize=False) for example in examples]
@@ -167,6 +190,9 @@ def run_trl(a, base: Path, data: Path, out: Path) -> dict[str, Any]:
     trainer = SFTTrainer(model=model, args=args, data_collator=collate_fn, train_dataset=ds,
                          processing_class=processor, peft_config=peft_config, callbacks=[log])
     trainer.train()
+    if getattr(a, "save", False):  # a loadable checkpoint, as a user's TRL script ends
+        trainer.save_model(str(out))
+        processor.save_pretrained(str(out))
     total = time.perf_counter() - t
     out = {"log": log, "seconds_total": total, "data_path": data_pass(trainer) if a.data_pass else None}
     del trainer
@@ -249,6 +275,62 @@ def model_flops_per_token(base: Path, tokens_per_sample: float) -> float:
     return 4 * m["llm"] + 12 * m["layers"] * tokens_per_sample * m["hidden"] + vision
 
 
+def child(a) -> int:
+    """One side as its own process: train, save, print the wall-clock time the checkpoint was saved at."""
+    C.quiet()
+    C.set_threads(a.threads)
+    a.data_pass = False
+    a.save = True
+    fn = run_llavatune if a.child == "llavatune" else run_trl
+    r = fn(a, Path(a.child_model), Path(a.child_data), Path(a.child_out))
+    saved = time.time()
+    s = summarize(r, a.warmup, a.batch_size)
+    print("RESULT " + json.dumps({"saved_at": saved, "samples_per_s": s["samples_per_s"],
+                                  "step_window_seconds": s["seconds_per_step"] * s["measured_steps"],
+                                  "seconds_in_train_call": r["seconds_total"],
+                                  "checkpoint_files": sorted(p.name for p in Path(a.child_out).iterdir())}), flush=True)
+    return 0
+
+
+def whole_process(a, base: Path, data: Path, tmp: Path) -> dict[str, Any]:
+    """Each side in a fresh process, from launch to saved checkpoint (``--repeats`` interleaved pairs)."""
+    import os
+    import subprocess
+
+    runs: dict[str, list[dict[str, Any]]] = {"llavatune": [], "trl": []}
+    for rep in range(a.repeats):
+        for side in (("trl", "llavatune") if rep % 2 == 0 else ("llavatune", "trl")):
+            out = tmp / f"whole-{side}-{rep}"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--child-model", str(base),
+                   "--child-data", str(data), "--child-out", str(out), "--device", a.device, "--steps", str(a.steps),
+                   "--warmup", str(a.warmup), "--batch-size", str(a.batch_size), "--lora-r", str(a.lora_r),
+                   "--seed", str(a.seed), "--threads", str(a.threads)]
+            env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+            launched = time.time()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            exited = time.time()
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+                raise SystemExit(f"whole-process run of {side} failed ({proc.returncode})")
+            line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT "))
+            r = json.loads(line[len("RESULT "):])
+            r.update(launch_to_saved_seconds=r["saved_at"] - launched, launch_to_exit_seconds=exited - launched)
+            del r["saved_at"]
+            runs[side].append(r)
+            print(f"  whole process, rep {rep + 1} {side:>9}: launch -> saved checkpoint "
+                  f"{r['launch_to_saved_seconds']:.1f}s (step window {r['step_window_seconds']:.1f}s, "
+                  f"{r['samples_per_s']:.2f} samples/s)", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    for rs in runs.values():
+        for r in rs:  # imports, loading, data preparation, the steps before the window, saving
+            r["outside_step_window_seconds"] = r["launch_to_saved_seconds"] - r["step_window_seconds"]
+    pairs = [t["launch_to_saved_seconds"] / ll["launch_to_saved_seconds"] for ll, t in zip(runs["llavatune"], runs["trl"])]
+    med = {side: round(C.median(r["launch_to_saved_seconds"] for r in rs), 2) for side, rs in runs.items()}
+    outside = {side: round(C.median(r["outside_step_window_seconds"] for r in rs), 2) for side, rs in runs.items()}
+    return {"median_launch_to_saved_seconds": med, "ratio_trl_vs_llavatune": round(C.median(pairs), 3),
+            "pair_ratios": [round(x, 3) for x in pairs], "median_outside_step_window_seconds": outside, "runs": runs}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -262,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=None, help="GPU peak bf16 TFLOP/s for MFU (default: by name)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "llavatune-bench")
     ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--whole-process", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time each side as a fresh process, from launch to saved checkpoint")
+    ap.add_argument("--child", choices=["llavatune", "trl"], help=argparse.SUPPRESS)
+    for name in ("--child-model", "--child-data", "--child-out"):
+        ap.add_argument(name, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     cuda = a.device == "cuda"
     a.steps = a.steps or (30 if cuda else 8)
@@ -269,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     a.lora_r = a.lora_r or (128 if cuda else 16)
     if a.warmup < 1 or a.warmup >= a.steps:
         ap.error("--warmup must be between 1 and --steps - 1")
+    if a.child:
+        return child(a)
     C.quiet()
     import torch
 
@@ -320,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                       + (f", peak VRAM {s['peak_vram_gib']:.1f} GiB" if "peak_vram_gib" in s else ""), flush=True)
                 del r
                 gc.collect()
+        whole = whole_process(a, base, data, tmp) if a.whole_process else None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -345,6 +435,13 @@ def main(argv: list[str] | None = None) -> int:
               f"({100 * d['ms_per_batch'] / 1000 / summary[side]['seconds_per_step']:.1f} % of a step), "
               f"{100 * d['padding_fraction']:.1f} % padding tokens")
     best = max(r["samples_per_s"] for r in runs["llavatune"]) / max(r["samples_per_s"] for r in runs["trl"])
+    if whole:
+        m = whole["median_launch_to_saved_seconds"]
+        print(f"whole job (fresh process, launch -> saved checkpoint): llavatune {m['llavatune']:.1f}s, TRL "
+              f"{m['trl']:.1f}s; TRL / llavatune {whole['ratio_trl_vs_llavatune']:.2f}x (median of pairs "
+              f"{whole['pair_ratios']}); outside the step window (imports, loading, data, saving): llavatune "
+              f"{whole['median_outside_step_window_seconds']['llavatune']:.1f}s, TRL "
+              f"{whole['median_outside_step_window_seconds']['trl']:.1f}s")
     print(f"ratio llavatune / TRL samples/s: {ratio:.2f}x (median of {len(pair_ratios)} interleaved pairs; fastest run "
           f"of each side {best:.2f}x; per CPU-second {cpu_ratio:.2f}x); goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'}")
     result = {
@@ -360,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         "pair_ratios": [round(x, 3) for x in pair_ratios],
         "goal_met": ratio >= GOAL,
         "median": summary,
+        "whole_process": whole,
         "same_initial_trainable_weights": same_init,
         "identical_model_inputs_per_sample": identical,
         "data_path": data_paths,

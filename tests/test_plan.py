@@ -76,9 +76,17 @@ def test_estimate_is_monotonic():
     assert peak(method="lora", batch=1) < peak(method="full", batch=1)
     # LoRA dropout keeps a mask + a dropped copy of the input for each of the 7 adapted layers
     assert peak(lora_dropout=0.0) < peak()
-    # without checkpointing QLoRA's fp32 residual stream (peft upcasts norms and embeddings) costs more than
-    # the 4-bit weights save at this batch: the planner must not pretend otherwise
-    assert peak(method="qlora") > peak(method="lora")
+    # under fp16, without checkpointing, QLoRA's fp32 residual stream (peft upcasts norms and embeddings) costs
+    # more than the 4-bit weights save at this batch: the planner must not pretend otherwise. Under bf16 the
+    # frozen weights go back to bf16 and so does the stream: QLoRA is then the smaller
+    assert peak(method="qlora", dtype="fp16") > peak(method="lora", dtype="fp16")
+    assert peak(method="qlora") < peak(method="lora")
+    e_bf16, e_fp16 = (estimate(spec, base.replace(method="qlora", dtype=d)) for d in ("bf16", "fp16"))
+    w = {d: next(i.bytes for i in e.items if i.name == "weights") for d, e in (("bf16", e_bf16), ("fp16", e_fp16))}
+    c = spec.count()
+    # fp16 keeps the embeddings and norms fp32: 2 more bytes for each of those parameters
+    assert w["fp16"] - w["bf16"] == 2 * (sum(c.values()) - c["llm_linear"] - spec.vision_matmul_params()
+                                         - c["lm_head"] - c["projector"])
     assert peak(method="full", zero=3, gpus=8) < peak(method="full", zero=2, gpus=8) < peak(method="full", zero=0)
     assert peak(method="full", zero=2, gpus=8) < peak(method="full", zero=2, gpus=2)
     assert peak(method="full", zero=3, gpus=8, offload=True) < peak(method="full", zero=3, gpus=8)
@@ -91,16 +99,19 @@ def test_estimate_is_monotonic():
     assert e.row("logits") == 12 * 16 * (2048 - 576) * 32064
     assert estimate(spec, base.replace(batch=16, supervised_tokens=8)).row("logits") == 12 * 16 * 8 * 32064
     assert peak(supervised_tokens=8) < peak()
-    # QLoRA: NF4 + double-quant constants ~0.516 byte per LLM linear weight; under autocast the frozen
+    # QLoRA: NF4 + double-quant constants ~0.516 byte per LLM linear weight; under fp16 autocast the frozen
     # linear/conv weights (vision tower, lm_head, the projector's frozen original) in 16 bit, the rest in fp32
-    # (peft upcast), plus fp32 LoRA and the trainable projector copy
-    q = estimate(spec, base.replace(method="qlora")).row("weights")
+    # (peft upcast); under bf16 every unquantized frozen weight in 16 bit; plus fp32 LoRA and the trainable
+    # projector copy
     c = spec.count()
+    nf4 = c["llm_linear"] * (0.5 + 1 / 64 + 4 / 64 / 256)
+    trained = spec.lora_params(128) * 4 + c["projector"] * 4
+    q = estimate(spec, base.replace(method="qlora", dtype="fp16")).row("weights")
     kept16 = spec.vision_matmul_params() + c["lm_head"] + c["projector"]
     assert 0.9 * c["vision"] < spec.vision_matmul_params() < c["vision"]
-    assert q == pytest.approx(c["llm_linear"] * (0.5 + 1 / 64 + 4 / 64 / 256) + kept16 * 2
-                              + (sum(c.values()) - c["llm_linear"] - kept16) * 4
-                              + spec.lora_params(128) * 4 + c["projector"] * 4)
+    assert q == pytest.approx(nf4 + kept16 * 2 + (sum(c.values()) - c["llm_linear"] - kept16) * 4 + trained)
+    q = estimate(spec, base.replace(method="qlora")).row("weights")
+    assert q == pytest.approx(nf4 + (sum(c.values()) - c["llm_linear"]) * 2 + trained)
     q32 = estimate(spec, base.replace(method="qlora", dtype="fp32")).row("weights")  # no autocast: all fp32
     assert q32 == pytest.approx(c["llm_linear"] * (0.5 + 1 / 64 + 4 / 64 / 256) + (sum(c.values()) - c["llm_linear"]) * 4
                                 + spec.lora_params(128) * 4 + c["projector"] * 4)

@@ -94,11 +94,23 @@ class OutputOptions:
     max_skipped: float = 0.5
     """Fail (exit 1, nothing written) when more than this fraction of the records read is skipped (missing or
     unusable images: usually a wrong --images / --image-root). A run that keeps no record always fails."""
+    group_by_image: bool = False
+    """Write one multi-turn record per image holding all its questions (the <image> placeholder in the first
+    turn only, question order shuffled with --seed), as LLaVA-1.5's training mix stores VQA data: the image
+    and its prompt prefix are then encoded once per image instead of once per question. Each question's id,
+    answers and types are kept in the record's 'turns' list, so eval still scores every question. Trade-offs:
+    an epoch has fewer, longer samples (divide --per_device_train_batch_size or raise the learning rate
+    accordingly), and answers to later questions see the earlier ones. See docs/data.md."""
+    max_turns_per_record: int = 10
+    """With --group-by-image: at most this many questions per record; an image with more is split into
+    several records (each with the image)."""
 
     def __post_init__(self):
         _require(self.out, "out", "the folder to write data.json and images/ into")
         if not 0.0 <= self.max_skipped <= 1.0:
             raise ConfigError(f"--max-skipped must be a fraction in [0, 1], got {self.max_skipped}")
+        if self.max_turns_per_record < 1:
+            raise ConfigError(f"--max-turns-per-record must be a positive number of questions, got {self.max_turns_per_record}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.limit is not None and self.limit < 1:
@@ -894,6 +906,35 @@ def split_items(items: list[Item], fraction: float, seed: int) -> dict[str, list
     return {"train": [it for it in items if it.dest not in val], "val": [it for it in items if it.dest in val]}
 
 
+def group_items(items: list[Item], max_turns: int, seed: int) -> list[list[Item]]:
+    """``--group-by-image``: the questions of each image (images in order of first appearance), shuffled with
+    ``seed`` (the same input and seed always give the same order), in chunks of at most ``max_turns``."""
+    by_image: dict[str, list[Item]] = {}
+    for it in items:
+        by_image.setdefault(it.dest, []).append(it)
+    rng = random.Random(seed)
+    groups = []
+    for its in by_image.values():
+        its = list(its)
+        rng.shuffle(its)
+        groups += [its[k : k + max_turns] for k in range(0, len(its), max_turns)]
+    return groups
+
+
+def grouped_record(items: list[Item], image: str) -> Record:
+    """One multi-turn record for questions about one image: ``<image>`` only in the first human turn (LLaVA-1.5's
+    layout), each question's own id and fields (question_id, answers, types, ...) in ``turns``, in turn order."""
+    conversations = []
+    for k, it in enumerate(items):
+        question = it.question
+        if k and question.startswith(IMAGE_TOKEN):
+            question = question[len(IMAGE_TOKEN):].lstrip("\n")
+        conversations += [Turn("human", question), Turn("gpt", it.answer)]
+    rid = items[0].id if len(items) == 1 else f"{items[0].id}+{len(items) - 1}"
+    return Record(id=rid, conversations=conversations, images=[image],
+                  extra={"turns": [{"id": it.id, **it.extra} for it in items]})
+
+
 def _check_out_vs_inputs(out: Path, inputs: dict[str, str]) -> None:
     out_r = out.resolve()
     for name, value in inputs.items():
@@ -953,25 +994,29 @@ def run_prepare(source: str, opts: Any, out_opts: OutputOptions) -> dict[str, An
         for name, its in splits.items():
             base = out / name if name else out
             placed: dict[str, str] = {}
-            records = []
             for it in progress(its, total=len(its), desc=f"images {name or 'all'}", unit="rec"):
                 rel = placed.get(it.dest)
                 if rel is None:
                     rel = f"images/{it.dest}"
                     placer.place(it.image, base / rel, move=it.staged)
                     placed[it.dest] = rel
-                records.append(
+            if out_opts.group_by_image:
+                groups = group_items(its, out_opts.max_turns_per_record, out_opts.seed)
+                records = [grouped_record(g, placed[g[0].dest]) for g in groups]
+            else:
+                records = [
                     Record(
                         id=it.id,
                         conversations=[Turn("human", it.question), Turn("gpt", it.answer)],
-                        images=[rel],
+                        images=[placed[it.dest]],
                         extra=it.extra,
                     )
-                )
+                    for it in its
+                ]
             base.mkdir(parents=True, exist_ok=True)
             write_records(base / "data.json", records)  # last: no data.json means an unfinished run
             outputs[name or "data"] = str(base / "data.json")
-            counts_by_split[name or "all"] = {"records": len(records), "images": len(placed)}
+            counts_by_split[name or "all"] = {"records": len(records), "questions": len(its), "images": len(placed)}
         shutil.rmtree(stage, ignore_errors=True)
     finally:
         if opened.cleanup:
@@ -989,7 +1034,8 @@ def run_prepare(source: str, opts: Any, out_opts: OutputOptions) -> dict[str, An
         "options": {**dataclasses.asdict(opts), **dataclasses.asdict(out_opts)},
         "counts": {
             "read": read,
-            "records": len(items),
+            "records": sum(c["records"] for c in counts_by_split.values()),
+            "questions": len(items),
             "skipped": len(rejects),
             "images": placer.linked + placer.copied + placer.moved,
             "images_linked": placer.linked,
@@ -1042,8 +1088,9 @@ def _print_summary(report: dict[str, Any], out: str) -> None:
         if n
     )
     split = "; ".join(f"{k}: {v['records']} records, {v['images']} images" for k, v in c["splits"].items())
+    grouped = f" ({c['questions']} questions grouped by image)" if c["questions"] != c["records"] else ""
     print(
-        f"prepared {c['records']} records from {report['source']} ({c['read']} read, {c['skipped']} skipped"
+        f"prepared {c['records']} records{grouped} from {report['source']} ({c['read']} read, {c['skipped']} skipped"
         + (f": {', '.join(f'{n} {k}' for k, n in report['skipped_by_reason'].items())}" if c["skipped"] else "")
         + f") in {report['seconds']:.1f}s"
     )
@@ -1124,6 +1171,7 @@ def _usage() -> str:
         "",
         "common options: --out DIR (required), --overwrite, --val-fraction F, --seed N, --limit N, --strict,",
         "  --max-skipped F (fail when more than this fraction of the records is skipped; default 0.5)",
+        "  --group-by-image [--max-turns-per-record N] (one multi-turn record per image)",
         "Run 'llavatune prepare SOURCE --help' for a source's options.",
     ]
     return "\n".join(lines)

@@ -269,6 +269,13 @@ def record_problems(rec: Record, purpose: str = "train") -> list[Problem]:
         for i, t in enumerate(rec.conversations):
             if t.role == "gpt" and IMAGE_TOKEN in t.value:
                 add("image-in-answer", f"conversations[{i}].value", "'<image>' in an answer turn; place it in a human turn")
+        per_turn = rec.extra.get("turns")  # prepare --group_by_image: one scoring object per question/answer pair
+        n_pairs = sum(t.role == "gpt" for t in turns)
+        if per_turn is not None and (not isinstance(per_turn, list) or len(per_turn) != n_pairs
+                                     or not all(isinstance(m, dict) for m in per_turn)):
+            add("turns-mismatch", "turns",
+                f"must hold one object per question/answer pair ({n_pairs} here); re-create the file with "
+                "'llavatune prepare --group_by_image' or remove the field")
     if rec.n_placeholders != len(rec.images):
         add("placeholder-mismatch", "image",
             f"{rec.n_placeholders} '<image>' placeholder(s) but {len(rec.images)} image(s); they must match")
@@ -284,8 +291,8 @@ def normalize_image_placement(rec: Record) -> Record:
     """Single-image LLaVA convention: ``<image>`` alone at the start of its turn (``<image>\\n...``).
 
     The original LLaVA code (``preprocess_multimodal``) rewrites every turn holding the placeholder as
-    ``(<image> + "\n" + rest.strip()).strip()`` — also ``"<image>What"`` and ``"<image> What"``, which become
-    ``"<image>\nWhat"``; we do the same so prompts match the released models. Records with several images keep
+    ``(<image> + "\\n" + rest.strip()).strip()`` — also ``"<image>What"`` and ``"<image> What"``, which become
+    ``"<image>\\nWhat"``; we do the same so prompts match the released models. Records with several images keep
     their placeholders where the user put them.
     """
     if len(rec.images) != 1:

@@ -22,7 +22,15 @@ from typing import Any, Optional
 
 from llavatune.config import CONFIG_FILE, ConfigError, config, parse_config, save_resolved
 from llavatune.data.encode import Encoder
-from llavatune.data.records import MAX_BAD_RECORDS, Record, image_root, normalize_image_placement, validate_data
+from llavatune.data.records import (
+    IMAGE_TOKEN,
+    MAX_BAD_RECORDS,
+    Record,
+    Turn,
+    image_root,
+    normalize_image_placement,
+    validate_data,
+)
 from llavatune.eval.score import aggregate
 from llavatune.eval.vqa_metric import check_stemmer, exact_match, token_f1, vqa_score
 from llavatune.infer.generate import Query, generate, parse_stop, split_for_eval
@@ -48,8 +56,11 @@ class EvalSet:
     references: list[str | None]
 
     @classmethod
-    def from_records(cls, records: list[Record], image_root: Path) -> EvalSet:
+    def from_records(cls, records: list[Record], image_root: Path, max_questions: int | None = None) -> EvalSet:
+        """One query per question: a grouped record (``prepare --group_by_image``) gives one per turn (see
+        ``question_records``). ``max_questions``: keep the first N questions."""
         queries, refs = [], []
+        records = [q for r in records for q in question_records(r)][:max_questions or None]
         for r in records:
             turns, ref = split_for_eval(r)
             if not turns or turns[-1].role != "human":
@@ -58,6 +69,40 @@ class EvalSet:
             queries.append(Query(turns, images, r.ref))
             refs.append(ref)
         return cls(records, queries, refs)
+
+
+def question_records(rec: Record) -> list[Record]:
+    """The questions of a record, each as its own single-question record for evaluation.
+
+    A record written by ``prepare --group_by_image`` holds several questions about one image as turns, and each
+    question's id and scoring fields (``question_id``, ``answers``, ``question_type``, ...) in its ``turns`` list.
+    Evaluation asks each question on its own -- the image, then only that question, exactly the prompt the
+    ungrouped record would give -- as VQA evaluation does (one question per query; the earlier answers are not
+    shown), and scores it against its own answers. Any other record is one question: its last answer.
+    """
+    per_turn = rec.extra.get("turns")
+    if per_turn is None:
+        return [rec]
+    system = [t for t in rec.conversations if t.role == "system"]
+    turns = [t for t in rec.conversations if t.role != "system"]
+    pairs = [(turns[k], turns[k + 1]) for k in range(0, len(turns) - 1, 2)]
+    if (not isinstance(per_turn, list) or len(per_turn) != len(pairs) or len(turns) % 2
+            or not all(isinstance(m, dict) for m in per_turn)
+            or any(h.role != "human" or g.role != "gpt" for h, g in pairs)):
+        raise UserError(f"{rec.source or 'data'}: record {rec.ref}: field 'turns' must hold one object per "
+                        f"question/answer pair ({len(pairs)} here); re-create the file with 'llavatune prepare "
+                        "--group_by_image' or remove the field")
+    out = []
+    n_images = len(rec.images)
+    for k, ((h, g), meta) in enumerate(zip(pairs, per_turn)):
+        question = h.value
+        if IMAGE_TOKEN not in question:
+            question = (IMAGE_TOKEN + "\n") * n_images + question
+        meta = dict(meta)
+        rid = str(meta.pop("id", f"{rec.id}-{k}"))
+        out.append(Record(rid, system + [Turn("human", question), Turn(g.role, g.value)], list(rec.images),
+                          {**meta, "record": rec.id}, rec.source, rec.index))
+    return out
 
 
 def score_record(rec: Record, prediction: str, reference: str | None, stem: bool = False) -> dict[str, Any]:
@@ -83,7 +128,7 @@ def score_predictions(eset: EvalSet, predictions: list[str], stem: bool = False)
     for rec, pred, ref in zip(eset.records, predictions, eset.references):
         s = score_record(rec, pred, ref, stem)
         row = {"id": rec.id, "question": eset.queries[len(rows)].turns[-1].value, "prediction": pred, "reference": ref}
-        for k in ("question_id", "answers", "question_type", "answer_type"):
+        for k in ("question_id", "answers", "question_type", "answer_type", "record"):
             if k in rec.extra:
                 row[k] = rec.extra[k]
         if rec.images:
@@ -142,7 +187,11 @@ class EvalConfig:
     template: Optional[str] = None
     """Prompt template (default: the one the checkpoint was trained with, else 'auto')."""
     max_samples: Optional[int] = None
-    """Evaluate only the first N records."""
+    """Evaluate only the first N questions (each question of a grouped record counts)."""
+    share_image_prefix: bool = True
+    """Answer the questions about one image from one prefill of the prompt up to and including its image tokens
+    (vision tower once per image, its KV cache reused; same greedy answers as without). 'false': every question
+    from its full prompt."""
     stem: bool = False
     """Stem predictions and answers before matching (OK-VQA v1.1 answers are stemmed; needs nltk)."""
     dtype: str = "auto"
@@ -198,18 +247,20 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.max_samples:
         records = records[: cfg.max_samples]
     root = image_root(cfg.data, cfg.image_folder)
-    eset = EvalSet.from_records(records, root)
+    eset = EvalSet.from_records(records, root, max_questions=cfg.max_samples)
     _init_distributed()  # launched with torchrun: every rank answers a shard, answers are gathered
     world, rank = _world()
     predictor = load_predictor(cfg.model, base_model=cfg.base_model, dtype=cfg.dtype, template=cfg.template)
     model, encoder = predictor.model, predictor.encoder
     stop = parse_stop(cfg.stop)
-    with tqdm(total=-(-len(records) // world), desc=f"eval (rank {rank})" if world > 1 else "eval", unit="sample",
-              disable=rank != 0) as bar:
-        preds = sharded_generate(model, encoder, eset.queries, cfg.batch_size, cfg.max_new_tokens, stop, progress=bar)
+    timing: dict[str, Any] = {}
+    with tqdm(total=-(-len(eset.queries) // world), desc=f"eval (rank {rank})" if world > 1 else "eval",
+              unit="sample", disable=rank != 0) as bar:
+        preds = sharded_generate(model, encoder, eset.queries, cfg.batch_size, cfg.max_new_tokens, stop, progress=bar,
+                                 share_prefix=cfg.share_image_prefix, stats=timing)
     rows, metrics = score_predictions(eset, preds, cfg.stem)
     skipped = [e.reject_row() for e in validation.bad]
-    metrics = {"model": str(cfg.model), "data": str(cfg.data), **metrics, "skipped": len(skipped)}
+    metrics = {"model": str(cfg.model), "data": str(cfg.data), **metrics, **timing, "skipped": len(skipped)}
     if skipped:
         metrics["skipped_records"] = [{k: r[k] for k in ("index", "id", "line", "reasons") if k in r} for r in skipped]
     if cfg.out and rank == 0:
@@ -249,42 +300,68 @@ def _world() -> tuple[int, int]:
 
 
 def sharded_generate(model, encoder: Encoder, queries: list, batch_size: int, max_new_tokens: int,
-                     stop: tuple[str, ...] = (), synced_gpus: bool = False, progress: Any = None) -> list[str]:
+                     stop: tuple[str, ...] = (), synced_gpus: bool = False, progress: Any = None,
+                     share_prefix: bool = True, stats: dict[str, Any] | None = None) -> list[str]:
     """``generate`` over ``queries`` split across the ranks of a distributed run, answers gathered on every rank.
 
     Every rank gets the same number of queries (the last shard is padded with repeats, dropped after the
-    gather) so that, under ZeRO-3, ranks run ``generate`` in lockstep (``synced_gpus``).
+    gather) so that, under ZeRO-3, ranks run ``generate`` in lockstep (``synced_gpus``). Shards are contiguous,
+    so the questions about one image mostly land on one rank and still share its prefix. ``stats`` receives
+    ``generation_seconds`` (this rank's wall time in generation, image loading included), ``samples_per_second``
+    (questions over that time; all ranks' questions over the slowest rank's time when distributed) and what
+    ``generate`` reports about prefix sharing (this rank's).
     """
     import math
+    import time
 
     import torch.distributed as dist
 
     world, rank = _world()
+    gen_stats: dict[str, Any] = {}
+    t = time.perf_counter()
     if world == 1:
-        return generate(model, encoder, queries, batch_size, max_new_tokens, stop, progress=progress)
-    n = len(queries)
-    per = math.ceil(n / world)
-    idx = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
-    local = generate(model, encoder, [queries[i] for i in idx], batch_size, max_new_tokens, stop,
-                     synced_gpus=synced_gpus, progress=progress)
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, list(zip(idx, local)))
-    by_index = dict(pair for part in gathered for pair in part)
-    return [by_index[i] for i in range(n)]
+        out = generate(model, encoder, queries, batch_size, max_new_tokens, stop, progress=progress,
+                       share_prefix=share_prefix, stats=gen_stats)
+        seconds = time.perf_counter() - t
+    else:
+        n = len(queries)
+        per = math.ceil(n / world)
+        idx = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
+        local = generate(model, encoder, [queries[i] for i in idx], batch_size, max_new_tokens, stop,
+                         synced_gpus=synced_gpus, progress=progress, share_prefix=share_prefix, stats=gen_stats)
+        seconds = time.perf_counter() - t
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (seconds, list(zip(idx, local))))
+        seconds = max(part[0] for part in gathered)
+        by_index = dict(pair for part in gathered for pair in part[1])
+        out = [by_index[i] for i in range(n)]
+    if stats is not None:
+        stats.update(generation_seconds=round(seconds, 3),
+                     samples_per_second=round(len(queries) / seconds, 3) if seconds > 0 else None,
+                     share_image_prefix=share_prefix and "share_prefix_off" not in gen_stats, **gen_stats)
+    return out
 
 
 def make_generation_eval(encoder: Encoder, eset: EvalSet, batch_size: int, max_new_tokens: int,
-                         stop: tuple[str, ...], out_dir: Path, step_fn, shown: int = 3, synced_gpus: bool = False):
+                         stop: tuple[str, ...], out_dir: Path, step_fn, shown: int = 3, synced_gpus: bool = False,
+                         share_prefix: bool = True):
     """The ``generation_eval`` hook of ``LlavaTrainer``: generate on ``eset`` (sharded across ranks, gathered),
-    score, write ``OUT/eval_predictions/step-N.jsonl`` and return the aggregate metrics."""
+    score, write ``OUT/eval_predictions/step-N.jsonl`` and return the aggregate metrics (with
+    ``generation_seconds`` and ``generation_samples_per_second``)."""
 
     def run(model) -> dict[str, float]:
-        preds = sharded_generate(model, encoder, eset.queries, batch_size, max_new_tokens, stop, synced_gpus)
+        timing: dict[str, Any] = {}
+        preds = sharded_generate(model, encoder, eset.queries, batch_size, max_new_tokens, stop, synced_gpus,
+                                 share_prefix=share_prefix, stats=timing)
         rows, metrics = score_predictions(eset, preds)
+        # "eval_samples_per_second" is the Trainer's own (loss pass) figure: this one is the generation's
+        metrics.update(generation_seconds=timing["generation_seconds"],
+                       generation_samples_per_second=timing["samples_per_second"])
         if _world()[1] == 0:
             atomic_write_jsonl(out_dir / "eval_predictions" / f"step-{step_fn()}.jsonl", rows)
             for r in rows[:shown]:
                 logger.info(f"  [{r['id']}] Q: {r['question'][:80]!r} -> {r['prediction']!r} (reference {r['reference']!r})")
-        return {k: v for k, v in metrics.items() if k in ("vqa_accuracy", "exact_match", "token_f1")}
+        keep = ("vqa_accuracy", "exact_match", "token_f1", "generation_seconds", "generation_samples_per_second")
+        return {k: v for k, v in metrics.items() if k in keep}
 
     return run

@@ -8,7 +8,8 @@ Any checkpoint kind works: a training output or ``checkpoint-N`` folder (LoRA / 
 weights), a merged or converted model, a llava-hf model folder or hub id. Batch mode reads JSON lines
 ``{"image": "a.jpg", "question": "..."}`` (extra fields such as ``id`` are copied to the output) and
 writes the same rows with an ``answer`` field, in input order; answers are generated in left-padded
-batches with the KV cache, through the same prompt builder (``Encoder``) as training.
+batches with the KV cache, through the same prompt builder (``Encoder``) as training, and the questions about
+one image share one prefill of its image prefix (``--share_image_prefix``).
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ class Predictor:
         return self.encoder.tokenizer
 
     def answer(self, queries: list, batch_size: int = 8, max_new_tokens: int = 128, stop: tuple[str, ...] = (),
-               progress: Any = None) -> list[str]:
+               progress: Any = None, share_prefix: bool = True) -> list[str]:
         from llavatune.infer.generate import generate
 
-        return generate(self.model, self.encoder, queries, batch_size, max_new_tokens, stop, progress=progress)
+        return generate(self.model, self.encoder, queries, batch_size, max_new_tokens, stop, progress=progress,
+                        share_prefix=share_prefix)
 
 
 def load_predictor(model: str, base_model: str | None = None, dtype: str = "auto", template: str | None = None,
@@ -165,6 +167,10 @@ class PredictConfig:
     """Base model for an adapter checkpoint whose recorded base cannot be found."""
     batch_size: int = 8
     """Generation batch size in batch mode (left-padded, KV cache)."""
+    share_image_prefix: bool = True
+    """Batch mode: questions about the same image are answered from one prefill of the prompt up to and including
+    its image tokens (vision tower once per image, KV cache reused; same greedy answers). 'false': each question
+    from its full prompt."""
     max_new_tokens: int = 128
     """Maximum tokens generated per answer."""
     stop: Optional[str] = None
@@ -213,7 +219,8 @@ def predict(cfg: PredictConfig) -> list[dict]:
         from tqdm.auto import tqdm
 
         with tqdm(total=len(queries), desc="predict", unit="question", disable=None) as bar:
-            answers = predictor.answer(queries, cfg.batch_size, cfg.max_new_tokens, stop, progress=bar)
+            answers = predictor.answer(queries, cfg.batch_size, cfg.max_new_tokens, stop, progress=bar,
+                                       share_prefix=cfg.share_image_prefix)
     out = [{**row, "answer": a} for row, a in zip(rows, answers)]
     if single and cfg.json:
         from llavatune.data.show import prompt_text

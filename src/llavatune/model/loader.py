@@ -220,11 +220,12 @@ def _is_linear(mod) -> bool:
 
 
 def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpointing: bool = False,
-                 autocast: bool = False):
+                 autocast: bool | str | None = None):
     """Freeze/unfreeze for the stage and method; wrap with LoRA when asked. Returns the model to train.
 
-    ``autocast``: training will run under bf16/fp16 autocast (``--bf16``/``--fp16``); QLoRA then keeps the
-    frozen, unquantized matmul weights in their 16-bit dtype (see ``_keep_frozen_matmul_weights_16bit``)."""
+    ``autocast``: the autocast dtype training runs under (``"bf16"`` for ``--bf16``, ``"fp16"`` for ``--fp16``;
+    ``True`` means bf16); QLoRA then keeps frozen, unquantized weights in their loaded 16-bit dtype (see
+    ``_keep_frozen_weights_16bit``)."""
     model.requires_grad_(False)
     inner = model.model
     projector = getattr(inner, PROJECTOR)
@@ -270,25 +271,40 @@ def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpoint
     )
     model = get_peft_model(model, lcfg)
     if method == "qlora" and autocast:
-        _keep_frozen_matmul_weights_16bit(model, loaded_dtypes)
+        _keep_frozen_weights_16bit(model, loaded_dtypes, everything=autocast in (True, "bf16"))
     return model
 
 
-def _keep_frozen_matmul_weights_16bit(model: torch.nn.Module, loaded_dtypes: dict[int, torch.dtype]) -> None:
-    """Undo PEFT's fp32 upcast for frozen ``nn.Linear``/``nn.Conv2d`` weights (vision tower, lm_head).
+def _keep_frozen_weights_16bit(model: torch.nn.Module, loaded_dtypes: dict[int, torch.dtype],
+                               everything: bool = True) -> None:
+    """Undo PEFT's fp32 upcast of the frozen, unquantized weights that autocast does not need in fp32.
 
-    ``prepare_model_for_kbit_training`` upcasts every unquantized parameter to fp32, for the norms' sake. Under
-    autocast a linear or conv layer casts an fp32 weight back to 16 bit before the matmul, and the weight held
-    the 16-bit value it was loaded with, so keeping it in 16 bit computes exactly the same numbers and halves
-    its memory: for LLaVA-1.5-7B (CLIP ViT-L + lm_head) ~0.8 GiB. Norms, embeddings (their outputs set the
-    residual stream's dtype), trainable weights (LoRA, the projector copy) and weights shared with such a
-    module (tied embeddings) stay as PEFT left them. Without autocast nothing changes: an fp32 input would
-    meet a 16-bit weight.
+    ``prepare_model_for_kbit_training`` upcasts every unquantized parameter to fp32 (for fp16 training's sake).
+    Frozen weights go back to the 16-bit dtype they were loaded in:
+
+    - ``nn.Linear``/``nn.Conv2d`` weights (vision tower, lm_head, the projector's frozen original), always under
+      autocast: the layer casts an fp32 weight to 16 bit before the matmul, and the weight holds the 16-bit
+      value it was loaded with, so the numbers are exactly the same (for LLaVA-1.5-7B ~0.8 GiB less).
+    - with ``everything`` (bf16 autocast): also embeddings and norms. Their outputs set the residual stream's
+      dtype -- fp32 embeddings start an fp32 stream, and fp32 norm weights give fp32 inputs to the 4-bit
+      layers, whose outputs keep their input's dtype -- so with them in fp32 every hidden state, and every
+      tensor kept for backward along it, is twice the bf16 LoRA run's. Back in bf16, the frozen part of the
+      model computes as in the bf16 LoRA run, the 4-bit LLM linears being the only difference; compared with
+      PEFT's fp32 stream the numbers move by bf16 rounding (a test bounds it). (LLaVA's and the QLoRA paper's
+      code keep the norms fp32 and so an fp32 stream.) Not for fp16, whose range is why PEFT upcasts.
+
+    Trainable weights (LoRA, the projector copy) stay fp32. Without ``everything``, a frozen weight shared with
+    a module outside the rule (a lm_head tied to the embeddings) stays fp32. Without autocast nothing changes:
+    an fp32 input would meet a 16-bit weight.
     """
     matmul = (torch.nn.Linear, torch.nn.Conv2d)
-    elsewhere = {id(p) for m in model.modules() if type(m) not in matmul for p in m.parameters(recurse=False)}
+
+    def castable(m: torch.nn.Module) -> bool:  # exact types: bitsandbytes' Linear4bit subclasses nn.Linear
+        return everything or type(m) in matmul
+
+    elsewhere = {id(p) for m in model.modules() if not castable(m) for p in m.parameters(recurse=False)}
     for m in model.modules():
-        if type(m) not in matmul:  # exact types: bitsandbytes' Linear4bit subclasses nn.Linear
+        if not castable(m):
             continue
         for p in m.parameters(recurse=False):
             was = loaded_dtypes.get(id(p))

@@ -7,8 +7,8 @@ docs/memory.md for the derivation and the validation against measured steps):
   linear layers in 4-bit NF4: 0.5 byte/param + one absmax per 64 weights (fp32, or 8-bit + a second-level
   fp32 constant per 256 blocks with double quantization). Everything else (vision tower, projector,
   embeddings, lm_head, norms) is not quantized, and ``peft.prepare_model_for_kbit_training`` upcasts it to
-  fp32; under autocast llavatune casts the frozen linear/conv weights among them (vision tower, lm_head, the
-  projector's frozen original) back to 16 bit (``loader._keep_frozen_matmul_weights_16bit``). LoRA adapters
+  fp32; llavatune casts the frozen ones back to 16 bit (``loader._keep_frozen_weights_16bit``): under bf16
+  all of them, under fp16 the linear/conv weights (vision tower, lm_head, the projector's frozen original). LoRA adapters
   are fp32 (PEFT's ``autocast_adapter_dtype``); the projector is trained through ``modules_to_save``, i.e. a
   second, trainable copy.
 - **gradients + AdamW** (torch fused AdamW, HF's default): per trainable parameter a gradient and two
@@ -125,10 +125,12 @@ def _dtype_bytes(dtype: str) -> int:
 
 def _element_bytes(s: Settings) -> tuple[int, int]:
     """Bytes per element of (matmul operands, residual stream / element-wise tensors). Autocast makes
-    matmul operands 16-bit; the stream stays fp32 in fp32 training and under QLoRA without DeepSpeed (PEFT's
-    upcast norms make it fp32; DeepSpeed casts the whole model to 16 bit)."""
+    matmul operands 16-bit; the stream stays fp32 in fp32 training and under fp16 QLoRA without DeepSpeed (PEFT's
+    upcast embeddings and norms make it fp32; under bf16 llavatune casts them back, DeepSpeed casts the whole
+    model to 16 bit)."""
     amp = s.dtype != "fp32"
-    return (2 if amp else 4), (4 if (not amp or (s.method == "qlora" and s.zero == 0)) else 2)
+    fp32_stream = not amp or (s.method == "qlora" and s.zero == 0 and s.dtype != "bf16")
+    return (2 if amp else 4), (4 if fp32_stream else 2)
 
 
 def layer_bytes(spec: ModelSpec, s: Settings) -> dict[str, float]:
@@ -146,7 +148,7 @@ def layer_bytes(spec: ModelSpec, s: Settings) -> dict[str, float]:
     - SDPA (flash / memory-efficient kernels: no L x L matrix) keeps q, k, v, the output and an fp32
       log-sum-exp per head. With padding in the batch, transformers passes a mask: k/v are expanded to all
       heads (repeat_kv) and SDPA materializes an additive B x 1 x L x L mask in every layer.
-    - the MLP keeps gate output, SiLU output and up output in the stream dtype (fp32 under QLoRA: the
+    - the MLP keeps gate output, SiLU output and up output in the stream dtype (fp32 under fp16 QLoRA: the
       upcast norms make the residual stream fp32 and bitsandbytes returns the input's dtype).
     """
     e_c, e_s = _element_bytes(s)
@@ -193,13 +195,20 @@ def _weights(spec: ModelSpec, s: Settings, counts: dict[str, int]) -> _Weights:
     if s.method == "qlora":
         qb = 0.5 + (1 / BLOCK + 4 / (BLOCK * 256) if s.double_quant else 4 / BLOCK)
         other_b = 2 if (ds and amp) else 4
-        # frozen linear/conv weights kept in 16 bit under autocast (DeepSpeed casts everything to bf16 anyway)
-        kept16 = spec.vision_matmul_params() + counts["lm_head"] + counts["projector"] if (amp and not ds) else 0
+        # frozen weights kept in 16 bit under autocast: all of them under bf16, the linear/conv ones under fp16
+        # (DeepSpeed casts everything to bf16 anyway)
+        if amp and not ds and s.dtype == "bf16":
+            kept16 = total - counts["llm_linear"]
+        elif amp and not ds:
+            kept16 = spec.vision_matmul_params() + counts["lm_head"] + counts["projector"]
+        else:
+            kept16 = 0
         other = total - counts["llm_linear"] - kept16
         weights = counts["llm_linear"] * qb + other * other_b + kept16 * 2
-        detail = (f"{fmt_count(counts['llm_linear'])} LLM linear x {qb:.3f} bytes (NF4) + "
-                  f"{fmt_count(other)} other x {other_b} bytes"
-                  + (f" + {fmt_count(kept16)} frozen linear/conv x 2 bytes" if kept16 else ""))
+        detail = (f"{fmt_count(counts['llm_linear'])} LLM linear x {qb:.3f} bytes (NF4)"
+                  + (f" + {fmt_count(other)} other x {other_b} bytes" if other else "")
+                  + (f" + {fmt_count(kept16)} frozen {'unquantized' if s.dtype == 'bf16' else 'linear/conv'} x 2 bytes"
+                     if kept16 else ""))
     else:
         weights = total * w
         detail = f"{fmt_count(total)} params x {w} bytes"
@@ -296,10 +305,10 @@ def _backward_items(spec: ModelSpec, s: Settings, counts: dict[str, int], wt: _W
         out.append(Item("logits", logits, logits_detail))
     if s.dtype != "fp32" and s.zero == 0:
         # autocast caches the 16-bit copy of every fp32 weight a matmul needs for backward: the fp32 LoRA
-        # adapters (and, under QLoRA, the upcast trainable projector, and a tied lm_head: it shares the
-        # embedding's fp32 weight, so it is not cast back to 16 bit)
+        # adapters (and, under QLoRA, the upcast trainable projector, and under fp16 a tied lm_head: it shares
+        # the embedding's fp32 weight, so it is not cast back to 16 bit)
         fp32_w = wt.lora + (counts["projector"] if s.method == "qlora" else 0)
-        if s.method == "qlora" and not counts["lm_head"]:
+        if s.method == "qlora" and not counts["lm_head"] and s.dtype != "bf16":
             fp32_w += counts["embed"]
         if fp32_w:
             out.append(Item("autocast weight copies", 2 * fp32_w,

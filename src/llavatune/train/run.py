@@ -578,6 +578,11 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    from transformers import set_seed
+
+    # the LoRA (and any new) weights are drawn when the model is wrapped, before the Trainer seeds: seed here, so
+    # the same --seed gives the same run even after other work in the process (a second train, a benchmark)
+    set_seed(targs.seed)
     model, processor = loader.load_base(
         base_ref, dtype, quantization=quant, trust_remote_code=margs.trust_remote_code,
         attn_implementation=margs.attn_implementation,
@@ -587,7 +592,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         model.model.multi_modal_projector.load_state_dict(state)
         logger.info(f"loaded stage-1 projector from {margs.pretrained_projector}")
     model = loader.apply_method(model, mthd.stage, mthd.method, mthd, targs.gradient_checkpointing or False,
-                                autocast=bool(targs.bf16 or targs.fp16))
+                                autocast="bf16" if targs.bf16 else "fp16" if targs.fp16 else None)
     logger.info(loader.parameter_summary(model))
 
     # Tokenize, mask and self-check before any training step
@@ -631,12 +636,13 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         from llavatune.infer.generate import parse_stop
 
         subset = val_records[: eargs.eval_max_samples] if eargs.eval_max_samples else val_records
-        eset = EvalSet.from_records(subset, val_roots[0])
+        eset = EvalSet.from_records(subset, val_roots[0], max_questions=eargs.eval_max_samples)
         zero3 = bool(targs.deepspeed) and "zero3" in str(mthd.zero)
         stop = parse_stop(eargs.eval_stop)
         generation_eval = make_generation_eval(
             encoder, eset, targs.per_device_eval_batch_size, eargs.eval_max_new_tokens, stop, out,
             step_fn=lambda: trainer.state.global_step, shown=eargs.eval_predictions_shown, synced_gpus=zero3,
+            share_prefix=eargs.share_image_prefix,
         )
     callbacks = [
         CheckpointCallback(processor, meta, config_path, model.config),

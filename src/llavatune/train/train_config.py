@@ -157,11 +157,15 @@ class EvalArgs:
     """At every evaluation, also generate answers on the validation set and compute VQA accuracy (or exact match),
     not only the teacher-forced validation loss."""
     eval_max_samples: Optional[int] = 200
-    """Generate on at most this many validation samples (a fixed subset, the first N) per evaluation; 0 for all."""
+    """Generate on at most this many validation questions (a fixed subset, the first N; each question of a grouped
+    record counts) per evaluation; 0 for all."""
     eval_max_new_tokens: int = 16
     """Maximum tokens generated per validation answer."""
     eval_stop: Optional[str] = None
     """Comma-separated stop strings for validation answers."""
+    share_image_prefix: bool = True
+    """Validation answers: prefill the prompt up to and including the image tokens once per image and reuse its KV
+    cache for all the image's questions (same greedy answers as without; 'false' turns it off)."""
     early_stopping_patience: Optional[int] = None
     """Stop when --metric_for_best_model has not improved for this many evaluations (default: never stop early)."""
     overfit_patience: int = 2
