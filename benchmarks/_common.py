@@ -192,7 +192,7 @@ def shapes_data(work: Path, n_images: int, questions_per_image: int = 3, image_s
     ``llavatune prepare okvqa|vqav2`` (LLaVA-1.5's short-answer prompt; ``group_by_image``: one multi-turn record
     per image). Cached under ``work``; returns data.json."""
     from llavatune.cli import main as cli
-    from llavatune.data.synthetic import make_shapes_vqa
+    from llavatune.data.shapes import make_shapes_vqa
 
     name = f"shapes-{n_images}x{questions_per_image}-{image_size}px" + ("" if layout == "okvqa" else f"-{layout}")
     root = work / (name + ("" if seed == 0 else f"-seed{seed}"))
@@ -206,7 +206,7 @@ def shapes_data(work: Path, n_images: int, questions_per_image: int = 3, image_s
     if not (raw / "images").is_dir():
         make_shapes_vqa(raw, n_train_images=n_train, n_val_images=n_val, questions_per_image=questions_per_image,
                         image_size=image_size, seed=seed, layout=layout)
-    from llavatune.data.synthetic import LAYOUT_FILES
+    from llavatune.data.shapes import LAYOUT_FILES
 
     sub = f"{split}"
     files = LAYOUT_FILES[layout]
