@@ -83,3 +83,32 @@ def test_every_boolean_flag_of_every_command_takes_no_x():
             assert vars(parser.parse_args([f"--no-{dashed}", f"--{f.name}", "true"]))[f.name] is True
             checked += 1
     assert checked > 40  # train alone has dozens
+
+
+LOADING = ("predict", "chat", "serve", "eval", "merge")
+
+
+@pytest.mark.parametrize("name", LOADING)
+def test_loading_options_are_one_vocabulary(name, capsys, tmp_path):
+    """--model, --base_model, --dtype, --template and --device: spelled, documented and validated once
+    (llavatune.infer.options.LoadOptions), whichever command loads the model."""
+    import dataclasses
+    import importlib
+
+    from llavatune.infer.options import LoadOptions
+
+    module = importlib.import_module(COMMANDS[name][0])
+    (cls,) = [c for c in vars(module).values() if isinstance(c, type) and c is not LoadOptions
+              and issubclass(c, LoadOptions)]
+    shared = {f.name: f.metadata["help"] for f in dataclasses.fields(LoadOptions)}
+    assert {f.name: f.metadata.get("help") for f in dataclasses.fields(cls) if f.name in shared} == shared
+    for bad, flag in ((["--dtype", "fp8"], "--dtype"), (["--template", "vicuna"], "--template"),
+                      (["--device", "gpu"], "--device")):
+        assert main([name, "--model", "x", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and flag in err, err
+    # the same from a YAML file (argparse checks choices only on the command line)
+    yml = tmp_path / "c.yaml"
+    yml.write_text("template: vicuna\n")
+    assert main([name, str(yml), "--model", "x"]) == 2
+    assert "--template: invalid value 'vicuna'" in capsys.readouterr().err

@@ -178,6 +178,7 @@ def parse_config(
     for dtype in dataclass_types:
         keys = {f.name for f in dataclasses.fields(dtype) if f.init}
         kwargs = {k: v for k, v in vars(ns).items() if k in keys}
+        _check_choices(dtype, kwargs)
         try:
             outputs.append(dtype(**kwargs))
         except ConfigError:
@@ -201,6 +202,23 @@ def flatten_sections(values: dict[str, Any], known: set[str], path: str | os.Pat
                 raise ConfigError(f"{path}: option {k!r} has two values in different sections")
             flat[k] = v
     return flat
+
+
+def _check_choices(dtype: type, values: dict[str, Any]) -> None:
+    """Values of ``Literal`` options must be one of their choices, also when they come from a YAML file (argparse
+    checks only what is typed on the command line)."""
+    import typing
+
+    hints = typing.get_type_hints(dtype)
+    for name, value in values.items():
+        hint = hints.get(name)
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is typing.Union and type(None) in args:
+            if value is None:
+                continue
+            hint = next(a for a in args if a is not type(None))
+        if typing.get_origin(hint) is typing.Literal:
+            check_choice(name, value, typing.get_args(hint))
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

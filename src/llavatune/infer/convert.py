@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Optional
 
 from llavatune.config import check_choice, config, parse_config
+from llavatune.data.templates import ChatTemplateName
 from llavatune.utils import UserError, atomic_write_json
 
 logger = logging.getLogger("llavatune")
@@ -74,8 +75,6 @@ LLAMA_KEYS = (
     "pretraining_tp", "tie_word_embeddings", "attention_bias", "attention_dropout",
     "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id",
 )  # fmt: skip
-CHAT_TEMPLATES = ("vicuna_v1", "v1", "llava_v1", "llava_llama_2", "mistral_instruct", "chatml_direct", "mistral_direct",
-                  "chatml")
 WEIGHT_FILES_SKIPPED = ("non_lora_trainables.bin", "mm_projector.bin", "training_args.bin", "optimizer.pt",
                         "scheduler.pt", "rng_state.pth")
 
@@ -292,7 +291,7 @@ class ConvertConfig:
     dtype: str = "auto"
     """Dtype of the converted weights: auto (each tensor as its source holds it: the LLM as saved, CLIP as its
     checkpoint holds it, float32 for OpenAI's), float16, bfloat16 or float32 (everything)."""
-    template: str = "vicuna_v1"
+    template: ChatTemplateName = "vicuna_v1"
     """Conversation template the model was trained with (LLaVA-1.5: vicuna_v1; LLaVA-Llama-2: llava_llama_2); the
     saved chat template renders it and llavatune predict/chat/eval use it."""
     overwrite: bool = False
@@ -300,7 +299,6 @@ class ConvertConfig:
 
     def __post_init__(self):
         check_choice("dtype", self.dtype, ["auto", "float16", "bfloat16", "float32"])
-        check_choice("template", self.template, list(CHAT_TEMPLATES))
 
 
 def _read_original_config(folder: Path) -> dict:

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 from llavatune.config import config, parse_config, save_resolved
 from llavatune.files import CONFIG_FILE, META_FILE
+from llavatune.infer.options import LoadOptions
 from llavatune.utils import UserError, atomic_write_json, check_output_dir, write_output_marker
 
 logger = logging.getLogger("llavatune")
@@ -110,17 +111,9 @@ def _check_unquantized(model) -> None:
 
 
 @config
-class MergeConfig:
-    model: Optional[str] = None
-    """Checkpoint to merge: a training output or checkpoint-N folder holding a LoRA or QLoRA adapter (a full-weights
-    checkpoint is re-exported as is)."""
+class MergeConfig(LoadOptions):
     out: Optional[str] = None
     """Folder for the standalone llava-hf model (must not exist unless --overwrite)."""
-    base_model: Optional[str] = None
-    """Base model for an adapter whose recorded base cannot be found."""
-    dtype: str = "auto"
-    """Dtype of the merged weights: auto (the base model's saved dtype, e.g. float16 for llava-hf 7B), bfloat16,
-    float16 or float32. QLoRA bases are always reloaded unquantized in this dtype."""
     overwrite: bool = False
     """Replace an existing --out folder."""
 
@@ -135,9 +128,16 @@ def merge(cfg: MergeConfig) -> Path:
     dtype = cfg.dtype
     if dtype == "auto" and (src / "adapter_config.json").is_file():
         dtype = _base_dtype(src, cfg.base_model)
+    device_map = None  # --device auto / cpu: the merge runs on the CPU (a GPU only when asked: it must hold the model)
+    if cfg.device not in ("auto", "cpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {cfg.device}: no CUDA GPU is available here; use --device cpu")
+        device_map = {"": cfg.device}
     # merge=True: QLoRA adapters get their base loaded unquantized, then PEFT's merge_and_unload.
     model, processor, info = load_checkpoint(cfg.model, dtype=dtype, base_model=cfg.base_model, merge=True,
-                                             quantized=False)
+                                             quantized=False, device_map=device_map)
     _check_unquantized(model)
     if info.get("kind") != "adapter":
         logger.info(f"{cfg.model} holds full weights: nothing to merge, re-exporting it")
@@ -146,13 +146,15 @@ def merge(cfg: MergeConfig) -> Path:
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(gen, name, None) is None and getattr(tok, name, None) is not None:
             setattr(gen, name, getattr(tok, name))
-    template = info.get("template", "auto")
+    template = cfg.template or info.get("template", "auto")
     if template not in ("auto", None):
         logger.warning(f"the checkpoint was trained with --template {template}; stock transformers' "
                        "apply_chat_template renders the model's own chat template, which may differ. "
                        "llavatune predict/chat/eval keep using the training template (recorded in the output)")
     # info holds the checkpoint's llavatune metadata (read by load_checkpoint) for a local folder, none for a hub id
     meta = {k: v for k, v in info.items() if k in ("stage", "template", "max_length")}
+    if cfg.template:
+        meta["template"] = cfg.template
     meta.update({"method": "merged", "merged_from": str(src.resolve()) if src.exists() else str(src),
                  "source_method": info.get("method", info.get("kind"))})
     save_model(out, model, processor, meta, config={"merge": cfg})

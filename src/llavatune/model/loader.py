@@ -387,8 +387,10 @@ def load_checkpoint(
     merge: bool = False,
     quantized: bool | None = None,
     trust_remote_code: bool = False,
+    device_map: Any = None,
 ):
-    """Load any checkpoint kind for inference. Returns ``(model, processor, info)``.
+    """Load any checkpoint kind for inference. Returns ``(model, processor, info)``; ``device_map``: where the weights
+    are loaded (default: the CPU; a QLoRA base goes where bitsandbytes puts it).
 
     ``info`` = {"kind": "adapter" | "full", "base_model": ..., "method": ...}.
     """
@@ -396,7 +398,8 @@ def load_checkpoint(
 
     ref = resolve_model(str(path), "--model")
     if not looks_local(str(path)):
-        model, processor = load_base(ref, resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+        model, processor = load_base(ref, resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+                                     device_map=device_map)
         return model.eval(), processor, {"kind": "full", "base_model": ref}
     p = Path(ref)
     if not p.is_dir():
@@ -416,7 +419,7 @@ def load_checkpoint(
             q = meta.get("quantization") or {}
             quant = quantization_kwargs(q.get("bits", 4), q.get("quant_type", "nf4"), q.get("double_quant", True), torch_dtype)
         model, processor = load_base(base, torch_dtype, quantization=quant, trust_remote_code=trust_remote_code,
-                                     what=base_what)
+                                     what=base_what, device_map=device_map)
         if (p / "tokenizer_config.json").is_file() or (p / "processor_config.json").is_file():
             processor = AutoProcessor.from_pretrained(p, trust_remote_code=trust_remote_code)
         if not any(p.glob("adapter_model.*")):
@@ -436,5 +439,6 @@ def load_checkpoint(
     if missing:
         raise UserError(f"{p}: missing {', '.join(missing)}; copy them from the model it was trained from, or "
                         "re-export it with 'llavatune merge'")
-    model, processor = load_base(str(p), resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+    model, processor = load_base(str(p), resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+                                 device_map=device_map)
     return model.eval(), processor, {"kind": "full", "base_model": str(p), **meta}
