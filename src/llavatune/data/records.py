@@ -569,7 +569,18 @@ def validate_data(
         v.problems.append(Problem(ERROR, "no-records", "the file holds no records", file=str(p), structural=True))
         return v
 
-    # record refs: the id as written, with the position when the id repeats (else both would read the same)
+    _name_entries(entries, purpose)
+    parsed = [e for e in entries if not e.errors]  # an invalid JSON line: nothing more to check
+    for e in parsed:
+        _check_entry(e, p, purpose)
+    _check_duplicate_ids(parsed, purpose)
+    _check_images(v, root, verify_images, max_pixels, workers, cache, progress, workers_flag, resolve_under)
+    return v
+
+
+def _name_entries(entries: list[Entry], purpose: str) -> None:
+    """How messages name each record: the id as written, with the position when the id repeats (else both would
+    read the same), or ``#index`` when it has none."""
     ids = [_raw_id(e.raw) for e in entries]
     counts: dict[str, int] = {}
     for rid in ids:
@@ -584,38 +595,45 @@ def validate_data(
             e.ref = f"{rid!r}" if rid is not None and counts[rid] == 1 else (
                 f"{rid!r} (#{e.index})" if rid is not None else f"#{e.index}")
 
+
+def _check_entry(e: Entry, p: Path, purpose: str) -> None:
+    """Parse one record and add its problems (undecodable bytes, structure, :func:`record_problems`); a record that
+    does not parse still has its image paths collected, so its images are checked too."""
+    obj = e.raw
+    bad_field = _find_surrogate(obj)
+    if bad_field is not None:
+        e.add(ERROR, "invalid-utf8", "holds invalid UTF-8 bytes", bad_field)
+    try:
+        rec = parse_query_row(obj, e.loc, e.index, e.ref) if purpose == "predict" else parse_record(obj, p, e.index)
+    except DataError as err:
+        e.add(ERROR, err.kind, err.message, err.field)
+        e.images, e.image_field = _raw_images(obj, purpose)
+        return
+    rec.source, rec.index = e.loc, e.index
+    e.record = rec
+    e.images = list(rec.images)
+    e.image_field = "images" if isinstance(obj, dict) and "messages" in obj and purpose != "predict" else "image"
+    for q in record_problems(rec, purpose):
+        e.add(q.severity, q.kind, q.message, q.field)
+
+
+def _check_duplicate_ids(entries: list[Entry], purpose: str) -> None:
+    """Every record after the first with a given id is an error (evaluation matches answers by id); ``predict`` rows
+    need no id."""
+    if purpose == "predict":
+        return
     first_by_id: dict[str, Entry] = {}
     for e in entries:
-        if e.errors:  # invalid JSON line: nothing more to check
-            continue
-        obj = e.raw
-        bad_field = _find_surrogate(obj)
-        if bad_field is not None:
-            e.add(ERROR, "invalid-utf8", "holds invalid UTF-8 bytes", bad_field)
-        try:
-            rec = parse_query_row(obj, e.loc, e.index, e.ref) if purpose == "predict" else parse_record(obj, p, e.index)
-        except DataError as err:
-            e.add(ERROR, err.kind, err.message, err.field)
-            e.images, e.image_field = _raw_images(obj, purpose)
-        else:
-            rec.source, rec.index = e.loc, e.index
-            e.record = rec
-            e.images = list(rec.images)
-            e.image_field = "images" if isinstance(obj, dict) and "messages" in obj and purpose != "predict" else "image"
-            for q in record_problems(rec, purpose):
-                e.add(q.severity, q.kind, q.message, q.field)
-        rid = _raw_id(obj) if purpose != "predict" else None
-        if rid is None and e.record is not None and purpose != "predict":
+        rid = _raw_id(e.raw)
+        if rid is None and e.record is not None:
             rid = e.record.id
-        if rid is not None:
-            first = first_by_id.setdefault(rid, e)
-            if first is not e:
-                e.add(ERROR, "duplicate-id",
-                      f"record #{e.index}{_line(e)} repeats the id {rid!r} of record #{first.index}{_line(first)}; ids "
-                      "must be unique (evaluation matches answers by id)", "id")
-
-    _check_images(v, root, verify_images, max_pixels, workers, cache, progress, workers_flag, resolve_under)
-    return v
+        if rid is None:
+            continue
+        first = first_by_id.setdefault(rid, e)
+        if first is not e:
+            e.add(ERROR, "duplicate-id",
+                  f"record #{e.index}{_line(e)} repeats the id {rid!r} of record #{first.index}{_line(first)}; ids "
+                  "must be unique (evaluation matches answers by id)", "id")
 
 
 def _line(e: Entry) -> str:
