@@ -34,38 +34,33 @@ def _next(text: dict) -> dict:
     return {**_llava(text), "model_type": "llava_next", "image_grid_pinpoints": _NEXT_GRID}
 
 
-def _qwen2_vl(hidden, intermediate, layers, heads, kv, vocab, tied) -> dict:
-    return {"model_type": "qwen2_vl",
-            "text_config": {"model_type": "qwen2_vl_text", "hidden_size": hidden, "intermediate_size": intermediate,
+def _qwen_vl(model_type: str, hidden, intermediate, layers, heads, kv, vocab, tied, vision: dict, **text) -> dict:
+    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL config: the language model's shapes and the vision tower's."""
+    return {"model_type": model_type,
+            "text_config": {"model_type": f"{model_type}_text", "hidden_size": hidden, "intermediate_size": intermediate,
                             "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
-                            "vocab_size": vocab, "tie_word_embeddings": tied},
-            "vision_config": {"model_type": "qwen2_vl", "depth": 32, "embed_dim": 1280, "mlp_ratio": 4,
-                              "num_heads": 16, "hidden_size": hidden, "patch_size": 14, "spatial_merge_size": 2,
-                              "temporal_patch_size": 2},
+                            "vocab_size": vocab, "tie_word_embeddings": tied, **text},
+            "vision_config": {"model_type": model_type, "spatial_merge_size": 2, "temporal_patch_size": 2, **vision},
             "tie_word_embeddings": tied}
+
+
+def _qwen2_vl(hidden, intermediate, layers, heads, kv, vocab, tied) -> dict:
+    return _qwen_vl("qwen2_vl", hidden, intermediate, layers, heads, kv, vocab, tied,
+                    {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "hidden_size": hidden,
+                     "patch_size": 14})
 
 
 def _qwen2_5_vl(hidden, intermediate, layers, heads, kv, vocab, tied) -> dict:
-    return {"model_type": "qwen2_5_vl",
-            "text_config": {"model_type": "qwen2_5_vl_text", "hidden_size": hidden, "intermediate_size": intermediate,
-                            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
-                            "vocab_size": vocab, "tie_word_embeddings": tied},
-            "vision_config": {"model_type": "qwen2_5_vl", "depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
-                              "num_heads": 16, "out_hidden_size": hidden, "patch_size": 14, "spatial_merge_size": 2,
-                              "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]},
-            "tie_word_embeddings": tied}
+    return _qwen_vl("qwen2_5_vl", hidden, intermediate, layers, heads, kv, vocab, tied,
+                    {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                     "out_hidden_size": hidden, "patch_size": 14, "window_size": 112,
+                     "fullatt_block_indexes": [7, 15, 23, 31]})
 
 
 def _qwen3_vl(hidden, intermediate, layers, tied, vision) -> dict:
-    return {"model_type": "qwen3_vl",
-            "text_config": {"model_type": "qwen3_vl_text", "hidden_size": hidden, "intermediate_size": intermediate,
-                            "num_hidden_layers": layers, "num_attention_heads": 32 if hidden > 2048 else 16,
-                            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
-                            "tie_word_embeddings": tied},
-            "vision_config": {"model_type": "qwen3_vl", "num_heads": 16, "out_hidden_size": hidden, "patch_size": 16,
-                              "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304,
-                              **vision},
-            "tie_word_embeddings": tied}
+    return _qwen_vl("qwen3_vl", hidden, intermediate, layers, 32 if hidden > 2048 else 16, 8, 151936, tied,
+                    {"num_heads": 16, "out_hidden_size": hidden, "patch_size": 16, "num_position_embeddings": 2304,
+                     **vision}, head_dim=128)
 
 
 _QWEN3_VL_SMALL_VISION = {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096,
