@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from llavatune.files import CONFIG_FILE, META_FILE, METRICS_FILE, OUTPUT_MARKER, PREPARE_REPORT_FILE
+from llavatune.files import BASE_MODEL_DIR, CONFIG_FILE, META_FILE, METRICS_FILE, OUTPUT_MARKER, PREPARE_REPORT_FILE
 
 logger = logging.getLogger("llavatune")
 
@@ -103,7 +103,7 @@ LEGACY_MARKERS = (  # (kind, files that must all be there), first match wins
     ("prepare", (PREPARE_REPORT_FILE,)),  # prepare writes a llavatune_config.yaml too
     ("train", (CONFIG_FILE, METRICS_FILE)),
     ("train", (CONFIG_FILE, META_FILE)),
-    ("train", (CONFIG_FILE, "base_model/config.json")),
+    ("train", (CONFIG_FILE, f"{BASE_MODEL_DIR}/config.json")),
     ("merge", (META_FILE, "config.json")),
 )
 

@@ -329,7 +329,7 @@ def render(args: PlanArgs, spec: ModelSpec, est: Estimate, sugg: list[Suggestion
         if not fits and any("--batch" in x.change for x in sugg):
             lines.append("  (with a smaller --batch, --gradient_accumulation_steps keeps the effective batch)")
     elif not fits:
-        lines.append("nothing single fits: combine changes, use more GPUs with --zero 3, or a smaller model")
+        lines.append("nothing single fits: combine changes, use more GPUs with --zero zero3, or a smaller model")
     return "\n".join(lines)
 
 
