@@ -102,3 +102,19 @@ def test_every_command_reports_a_bad_byte_the_same_way(tmp_path, capsys):
         message = _one_line(capsys.readouterr().err, f"llavatune {argv[0]}")
         assert message.endswith(f"{path}: invalid UTF-8 at byte {offset} (line {line}); re-save the file as UTF-8"), (
             argv, message)
+
+
+def test_a_broken_model_json_is_one_line_naming_file_and_line(tmp_path, capsys):
+    """Model folders' JSON files (config.json for plan, adapter_config.json for predict / eval / merge, an original
+    checkpoint's config.json for convert) are read through the reader too: one line, not a JSONDecodeError traceback."""
+    for name, argv in (("config.json", ["plan", "--model"]),
+                       ("adapter_config.json", ["predict", "--question", "What?", "--model"]),
+                       ("config.json", ["convert", "--out", str(tmp_path / "out"), "--from-original"])):
+        d = tmp_path / f"m-{argv[0]}"
+        d.mkdir()
+        (d / name).write_text('{\n  "model_type": "llava",\n  oops\n}\n')
+        assert cli([*argv, str(d)]) == 1, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert _one_line(err, f"llavatune {argv[0]}").endswith(f"{d / name}:3: not valid JSON (column 3): "
+                                                               "Expecting property name enclosed in double quotes")

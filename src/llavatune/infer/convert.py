@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Optional
 
 from llavatune.config import check_choice, config, parse_config
+from llavatune.data.reader import load_json
 from llavatune.data.templates import ChatTemplateName
 from llavatune.utils import UserError, atomic_write_json
 
@@ -216,7 +217,7 @@ def merge_original_lora(state: dict, folder: Path, report: ConversionReport) -> 
     """Add the original repo's LoRA deltas (PEFT format, keys ``base_model.model.<module>.lora_A/B.weight``)
     to the base LLM weights in ``state``, in float32."""
     cfg_path = folder / "adapter_config.json"
-    acfg = json.loads(cfg_path.read_text())
+    acfg = load_json(cfg_path)
     if acfg.get("peft_type", "LORA") != "LORA" or acfg.get("use_dora"):
         raise UserError(f"{cfg_path}: only plain LoRA adapters can be converted (found "
                         f"{'DoRA' if acfg.get('use_dora') else acfg.get('peft_type')})")
@@ -305,7 +306,7 @@ def _read_original_config(folder: Path) -> dict:
     p = folder / "config.json"
     if not p.is_file():
         raise UserError(f"{folder}: no config.json; an original LLaVA checkpoint folder holds config.json with mm_* fields")
-    cfg = json.loads(p.read_text())
+    cfg = load_json(p)
     archs = cfg.get("architectures") or []
     if "mm_vision_tower" not in cfg and "mm_projector_type" not in cfg:
         raise UserError(f"{p}: no mm_vision_tower / mm_projector_type fields; not an original LLaVA checkpoint "
@@ -380,7 +381,7 @@ def sentencepiece_tokenizer(folder: Path):
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
     cfg_path = folder / "tokenizer_config.json"
-    tcfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    tcfg = load_json(cfg_path) if cfg_path.is_file() else {}
     try:
         native = TokenizersBackend.convert_to_native_format(vocab_file=str(path), legacy=True)
         backend = native["tokenizer_object"]
@@ -461,7 +462,7 @@ def _original_state(cfg: ConvertConfig, src: Path, report: ConversionReport) -> 
     trainables) and the folders to look for the tokenizer in."""
     tok_dirs = [src]
     if (src / "adapter_config.json").is_file():
-        base_ref = cfg.base_model or json.loads((src / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base_ref = cfg.base_model or load_json(src / "adapter_config.json").get("base_model_name_or_path")
         if not base_ref:
             raise UserError(f"{src}: the adapter does not record its base model; pass --base_model")
         try:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from llavatune.data.reader import load_json
 from llavatune.files import META_FILE
 from llavatune.model.bnb import is_4bit_param, is_quantized_layer
 from llavatune.model.refs import is_hub_id, looks_local, resolve_model
@@ -346,7 +347,7 @@ def write_meta(ckpt_dir: str | os.PathLike, meta: dict) -> None:
 
 def read_meta(ckpt_dir: str | os.PathLike) -> dict:
     p = Path(ckpt_dir) / META_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
+    return load_json(p) if p.is_file() else {}
 
 
 def adapter_base(ckpt: str | os.PathLike, base_model: str | None = None) -> str:
@@ -409,7 +410,7 @@ def load_checkpoint(
     if adapter_cfg_path.is_file():
         from peft import PeftModel
 
-        adapter_cfg = json.loads(adapter_cfg_path.read_text())
+        adapter_cfg = load_json(adapter_cfg_path)
         base = base_model or _resolve_base(p, meta, adapter_cfg)
         base_what = "--base_model" if base_model else f"{p}: its base model (--base_model overrides it)"
         want_q = meta.get("method") == "qlora" if quantized is None else quantized

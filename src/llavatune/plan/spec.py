@@ -16,11 +16,11 @@ device (no memory, no weights). ``tests/test_plan.py`` checks both against the r
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llavatune.data.reader import load_json
 from llavatune.model.tiny import tiny_config_kwargs
 from llavatune.utils import UserError
 
@@ -320,13 +320,13 @@ def load_config(model: str, vision_model: str | None = None, language_model: str
     if looks_local(model) and p.is_file():
         if p.suffix != ".json":
             raise UserError(f"--model {model}: a file, but not a config.json; pass a model folder or its config.json")
-        raw = json.loads(p.read_text(encoding="utf-8"))
+        raw = load_json(p)
         # a hand-written or pruned LLaVA config.json may omit keys: complete those with transformers' defaults
         return (_auto_config(raw) if raw.get("model_type") in ("llava", "llava_next") else raw), str(p)
     if p.is_dir():
         for fname in ("config.json", "base_config.json"):
             if (p / fname).is_file():
-                return _auto_config(json.loads((p / fname).read_text(encoding="utf-8"))), str(p)
+                return _auto_config(load_json(p / fname)), str(p)
         raise UserError(f"--model: {p} holds no config.json (or base_config.json of a llavatune checkpoint)")
     try:
         from transformers import AutoConfig
