@@ -192,7 +192,7 @@ def shapes_data(work: Path, n_images: int, questions_per_image: int = 3, image_s
     ``llavatune prepare okvqa|vqav2`` (LLaVA-1.5's short-answer prompt; ``group_by_image``: one multi-turn record
     per image). Cached under ``work``; returns data.json."""
     from llavatune.cli import main as cli
-    from llavatune.data.synthetic import make_shapes_vqa
+    from llavatune.data.shapes import make_shapes_vqa
 
     name = f"shapes-{n_images}x{questions_per_image}-{image_size}px" + ("" if layout == "okvqa" else f"-{layout}")
     root = work / (name + ("" if seed == 0 else f"-seed{seed}"))
@@ -206,7 +206,7 @@ def shapes_data(work: Path, n_images: int, questions_per_image: int = 3, image_s
     if not (raw / "images").is_dir():
         make_shapes_vqa(raw, n_train_images=n_train, n_val_images=n_val, questions_per_image=questions_per_image,
                         image_size=image_size, seed=seed, layout=layout)
-    from llavatune.data.synthetic import LAYOUT_FILES
+    from llavatune.data.shapes import LAYOUT_FILES
 
     sub = f"{split}"
     files = LAYOUT_FILES[layout]
@@ -234,8 +234,7 @@ def build_model(work: Path, kind: str, data_json: Path) -> Path:
     on the data's text, image size and patch size of the config); the embedding is sized like the real
     model's, larger than the tokenizer, which only means unused rows.
     """
-    from llavatune.data.records import load_records
-    from llavatune.model import loader
+    from llavatune.data.records import collect_texts, load_records
     from llavatune.model.tiny import build_tiny
 
     names = {"cpu": "model-cpu-" + "-".join(str(v) for v in CPU_MODEL.values()), "tiny": "model-tiny",
@@ -244,7 +243,7 @@ def build_model(work: Path, kind: str, data_json: Path) -> Path:
     out = work / name
     if (out / "config.json").is_file():
         return out
-    texts = loader.collect_texts(load_records(str(data_json)))
+    texts = collect_texts(load_records(str(data_json)))
     t = time.perf_counter()
     if kind in ("cpu", "tiny", "small"):
         build_tiny(texts, out, **{"cpu": CPU_MODEL, "small": SMALL_MODEL, "tiny": {}}[kind])

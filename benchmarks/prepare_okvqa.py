@@ -25,7 +25,7 @@ from _common import RESULTS, machine, write_result  # benchmarks/_common.py (scr
 
 
 def build(work: Path, n: int, size: int) -> dict:
-    from llavatune.data.synthetic import make_shapes_vqa
+    from llavatune.data.shapes import make_shapes_vqa
 
     root = work / f"okvqa-{n}-{size}px"
     marker = root / ".complete"

@@ -24,7 +24,7 @@ def prepare_shapes(root: Path, n_train_images: int, n_val_images: int, questions
                    image_size: int = 32, seed: int = 0) -> dict[str, Path]:
     """Synthetic shapes VQA -> `llavatune prepare okvqa` for train and val. Returns data.json paths."""
     from llavatune.cli import main
-    from llavatune.data.synthetic import make_shapes_vqa
+    from llavatune.data.shapes import make_shapes_vqa
 
     paths = make_shapes_vqa(root / "src", n_train_images=n_train_images, n_val_images=n_val_images,
                             questions_per_image=questions_per_image, image_size=image_size, seed=seed)

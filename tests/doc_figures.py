@@ -8,9 +8,9 @@ leave the docs behind silently. Each ``Figure`` names a file, a pattern that fin
 its context exactly ``count`` times, and how to compute it:
 
 - ``plan`` figures run ``llavatune plan`` (the library, same code as the command) on the command written next to
-  the figure, or on a command given here for table rows and prose. Hub ids are replaced by their ``config.json``
-  written from ``KNOWN_CONFIGS`` (this machine has no network; the values are the published llava-hf configs,
-  the same ones ``tests/test_plan.py`` checks parameter counts with).
+  the figure, or on a command given here for table rows and prose, offline: the hub ids the docs name are in
+  plan's shipped table (``llavatune.plan.hub_configs``, whose values ``tests/test_plan.py`` checks), and a
+  recipe path is read from the repository.
 - benchmark figures read ``benchmarks/results/*.json`` (the measured numbers the docs quote).
 """
 
@@ -21,7 +21,6 @@ import json
 import re
 import shlex
 import sys
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -31,43 +30,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llavatune.plan.hub_configs import HUB_CONFIGS  # noqa: E402  (the published configs of today's families)
-from test_plan import LLAVA_15  # noqa: E402  (the published llava-hf configs)
+from llavatune.plan.hub_configs import hub_config  # noqa: E402
 
-KNOWN_CONFIGS = {**HUB_CONFIGS, "llava-hf/llava-1.5-7b-hf": LLAVA_15["7b"], "llava-hf/llava-1.5-13b-hf": LLAVA_15["13b"]}
 GiB = 1024**3
-
-
-@lru_cache(maxsize=None)
-def _config_dir(hub_id: str) -> str:
-    if hub_id not in KNOWN_CONFIGS:
-        raise KeyError(f"no offline config.json for {hub_id}; add it to KNOWN_CONFIGS in {__file__}")
-    d = Path(tempfile.mkdtemp(prefix="llavatune-docfig-")) / hub_id.replace("/", "--")
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(KNOWN_CONFIGS[hub_id]))
-    return str(d)
 
 
 @lru_cache(maxsize=None)
 def run_plan(command: str):
     """``(estimate, suggestions, printed text, args)`` of a ``llavatune plan ...`` command line, offline."""
     from llavatune.config import parse_config
-    from llavatune.plan import PlanArgs, _negations, plan
+    from llavatune.plan import PlanArgs, plan, recipe_values
 
     argv = shlex.split(command)
     assert argv[:2] == ["llavatune", "plan"], command
     argv = argv[2:]
-    hub = None
+    if argv and argv[0].endswith(".yaml"):
+        argv[0] = str(ROOT / argv[0])
     if "--model" in argv:
-        i = argv.index("--model") + 1
-        if argv[i] in KNOWN_CONFIGS or argv[i].count("/") == 1:
-            hub = argv[i]
-            argv[i] = _config_dir(hub)
-    (args,) = parse_config([PlanArgs], _negations(argv), prog="llavatune plan")
-    est, sugg, text = plan(args)
-    if hub:  # the output names the model as the user typed it
-        text = re.sub(r"^model     .*$", f"model     {hub}", text, count=1, flags=re.M)
-    return est, sugg, text, args
+        model = argv[argv.index("--model") + 1]
+        assert model == "tiny" or hub_config(model) is not None, f"{model}: not in plan's shipped table"
+    (args,) = parse_config([PlanArgs], argv, prog="llavatune plan", translate=recipe_values)
+    return (*plan(args), args)
 
 
 def peak(command: str) -> float:
@@ -102,9 +85,9 @@ def recipe_memory(m: re.Match) -> str:
 
 
 def _spec7():
-    from llavatune.plan.spec import spec_from_config
+    from llavatune.plan.spec import load_spec
 
-    return spec_from_config(KNOWN_CONFIGS["llava-hf/llava-1.5-7b-hf"])
+    return load_spec("llava-hf/llava-1.5-7b-hf")
 
 
 def _layer_kib(method: str, part: str | None = None, dtype: str = "bf16") -> float:
@@ -141,9 +124,9 @@ def _no_gc(method: str, extra: str = "") -> str:
 
 # Rows of docs/memory.md's comparison with published LLaVA-1.5 runs: row label -> plan flags
 PUBLISHED = {
-    "13B full FT, ZeRO-3 × 8, batch 16 × 2048, checkpointing": ("13b", "--method full --zero 3 --gpus 8 --batch 16 --gradient-checkpointing"),
-    "7B full FT, ZeRO-3 × 8, batch 16 × 2048, checkpointing": ("7b", "--method full --zero 3 --gpus 8 --batch 16 --gradient-checkpointing"),
-    "13B task LoRA r=128, ZeRO-3 × 8, batch 16 × 2048, checkpointing": ("13b", "--method lora --zero 3 --gpus 8 --batch 16 --gradient-checkpointing"),
+    "13B full FT, ZeRO-3 × 8, batch 16 × 2048, checkpointing": ("13b", "--method full --zero zero3 --gpus 8 --batch 16 --gradient-checkpointing"),
+    "7B full FT, ZeRO-3 × 8, batch 16 × 2048, checkpointing": ("7b", "--method full --zero zero3 --gpus 8 --batch 16 --gradient-checkpointing"),
+    "13B task LoRA r=128, ZeRO-3 × 8, batch 16 × 2048, checkpointing": ("13b", "--method lora --zero zero3 --gpus 8 --batch 16 --gradient-checkpointing"),
     "7B LoRA r=128, 1 GPU, batch 1 × 2048, checkpointing": ("7b", "--method lora --batch 1 --gradient-checkpointing"),
     "7B QLoRA r=128, 1 GPU, batch 4 × 2048, checkpointing": ("7b", "--method qlora --batch 4 --gradient-checkpointing"),
     "13B QLoRA r=128, 1 GPU, batch 1 × 2048, checkpointing": ("13b", "--method qlora --batch 1 --gradient-checkpointing"),
@@ -164,10 +147,10 @@ FIGURES: list[Figure] = [
              lambda m, model=model, flags=flags: _gib(peak(plan_cmd(model, flags))), what=label)
       for label, (model, flags) in PUBLISHED.items()],
     Figure("docs/memory.md", r"\| same without checkpointing \| – \| (?P<fig>[\d]+ / [\d]+ GiB) \|",
-           lambda m: f"{peak(plan_cmd('7b', '--method full --zero 3 --gpus 8 --batch 16')):.0f} / "
-                     f"{peak(plan_cmd('13b', '--method full --zero 3 --gpus 8 --batch 16')):.0f} GiB"),
+           lambda m: f"{peak(plan_cmd('7b', '--method full --zero zero3 --gpus 8 --batch 16')):.0f} / "
+                     f"{peak(plan_cmd('13b', '--method full --zero zero3 --gpus 8 --batch 16')):.0f} GiB"),
     Figure("docs/memory.md", r"with `--max-length 1024` the 7B full fine-tuning row drops to (?P<fig>[\d.]+ GiB)",
-           lambda m: _gib(peak(plan_cmd("7b", "--method full --zero 3 --gpus 8 --batch 16 --gradient-checkpointing")
+           lambda m: _gib(peak(plan_cmd("7b", "--method full --zero zero3 --gpus 8 --batch 16 --gradient-checkpointing")
                                .replace("--max-length 2048", "--max-length 1024")))),
     # prose
     Figure("docs/memory.md", r"norms: (?P<fig>[\d.]+B parameters = [\d.]+ GiB) for LLaVA-1\.5-7B",

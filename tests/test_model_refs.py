@@ -18,6 +18,7 @@ from llavatune.cli import main
 from llavatune.model import refs
 
 HUB = "llava-hf/llava-1.5-7b-hf"
+UNSHIPPED = "someone/llava-7b-copy"  # plan knows HUB's shapes offline (plan.hub_configs): it asks the hub for this one
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +60,7 @@ def commands(ref: str, x: dict) -> dict[str, list[str]]:
         "merge": ["merge", "--model", ref, "--out", str(t / "m")],
         "convert": ["convert", "--from-original", ref, "--out", str(t / "c")],
         "check": ["check", x["val"], "--model", ref],
-        "plan": ["plan", "--model", ref],
+        "plan": ["plan", "--model", UNSHIPPED if ref == HUB else ref],
     }
 
 
@@ -115,8 +116,15 @@ def test_unreachable_hub_is_one_line_in_one_attempt(name, inputs, capsys, unreac
     _adapter(inputs["tmp"])
     rc, err, seconds = _run(commands(HUB, inputs)[name], capsys)
     line = _one_line(err)
-    assert rc != 0 and HUB in line and "cannot be reached" in line and "HF_HUB_OFFLINE" in line, line
+    ref = UNSHIPPED if name == "plan" else HUB
+    assert rc != 0 and ref in line and "cannot be reached" in line and "HF_HUB_OFFLINE" in line, line
     assert seconds < 20  # transformers alone retries for ~26 s per file before its OSError traceback
+
+
+def test_plan_answers_shipped_models_without_the_hub(capsys, unreachable_hub):
+    """The question "does it fit?" comes before any download: a model the recipes and docs name needs no request."""
+    rc, err, seconds = _run(["plan", "--model", HUB, "--method", "qlora", "--batch", "1"], capsys)
+    assert rc == 0 and "cannot be reached" not in err and "cached copy" not in err, err
 
 
 @pytest.mark.parametrize("name", ["train", "eval", "predict", "merge", "check", "plan", "convert"])
@@ -125,7 +133,8 @@ def test_offline_hub_id_not_cached_is_one_line(name, inputs, capsys):
     _adapter(inputs["tmp"])
     rc, err, seconds = _run(commands(HUB, inputs)[name], capsys)
     line = _one_line(err)
-    assert rc != 0 and HUB in line and "HF_HUB_OFFLINE=1" in line and "cache" in line, line
+    ref = UNSHIPPED if name == "plan" else HUB
+    assert rc != 0 and ref in line and "HF_HUB_OFFLINE=1" in line and "cache" in line, line
 
 
 def test_cached_hub_id_is_used_when_the_hub_is_unreachable(tmp_path, capsys, monkeypatch, unreachable_hub):
@@ -135,13 +144,14 @@ def test_cached_hub_id_is_used_when_the_hub_is_unreachable(tmp_path, capsys, mon
     from test_plan import LLAVA_15
 
     cache = tmp_path / "hub"
-    snap = cache / "models--llava-hf--llava-1.5-7b-hf" / "snapshots" / ("0" * 40)
+    repo = cache / ("models--" + UNSHIPPED.replace("/", "--"))
+    snap = repo / "snapshots" / ("0" * 40)
     snap.mkdir(parents=True)
     (snap / "config.json").write_text(json.dumps(LLAVA_15["7b"]))
-    (cache / "models--llava-hf--llava-1.5-7b-hf" / "refs").mkdir()
-    (cache / "models--llava-hf--llava-1.5-7b-hf" / "refs" / "main").write_text("0" * 40)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    rc = main(["plan", "--model", HUB, "--method", "qlora", "--batch", "1"])
+    rc = main(["plan", "--model", UNSHIPPED, "--method", "qlora", "--batch", "1"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "using the cached copy" in captured.err and "7.06B total" in captured.out

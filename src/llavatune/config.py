@@ -2,7 +2,8 @@
 
 Every command's options are dataclasses. A field's docstring (the string literal right after it, as in
 litgpt) becomes its ``--help`` text; ``transformers.HfArgumentParser`` turns the fields into flags
-(``--snake_case`` and ``--kebab-case`` both work), a YAML file given as the first positional argument
+(``--snake_case`` and ``--kebab-case`` both work; a boolean is ``--X``, ``--X true|false`` or ``--no-X``, in every
+command), a YAML file given as the first positional argument
 supplies values, and flags on the command line override the YAML. The resolved values are written
 into every output directory (``llavatune_config.yaml``) so a run can always be reproduced.
 """
@@ -19,11 +20,11 @@ import sys
 import textwrap
 import types
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-CONFIG_FILE = "llavatune_config.yaml"  # the resolved configuration, in every output directory
+from llavatune.files import CONFIG_FILE  # noqa: F401  (the resolved configuration, in every output directory)
 
 
 class ConfigError(ValueError):
@@ -87,7 +88,29 @@ def _make_parser(prog: str, description: str, dataclass_types: Sequence[type]):
             raise SystemExit(2)
 
     parser = _Parser(list(dataclass_types), prog=prog, description=description, formatter_class=_HelpFormatter)
+    _add_negations(parser, dataclass_types)
     return parser
+
+
+def _add_negations(parser: argparse.ArgumentParser, dataclass_types: Sequence[type]) -> None:
+    """``--no-X`` / ``--no_X`` for every boolean option, in every command.
+
+    ``HfArgumentParser`` adds them only for booleans whose default is true; the others take ``--X false``, and a
+    ``--no-X`` that works for some flags and not others is a trap (a script that turns a feature off breaks when its
+    default changes). Not listed in ``--help`` (one line per boolean would double it); the module docstring and the
+    README say so."""
+    import typing
+
+    for dt in dataclass_types:
+        hints = typing.get_type_hints(dt)
+        for f in dataclasses.fields(dt):
+            if not f.init or hints.get(f.name) not in (bool, Optional[bool]) or f.default is True:
+                continue
+            options = [f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}"]
+            if any(o in parser._option_string_actions for o in options):
+                continue  # a real option of that name (or HfArgumentParser's own negation)
+            parser.add_argument(*dict.fromkeys(options), action="store_false", dest=f.name, default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
 
 
 def _known_fields(dataclass_types: Sequence[type]) -> set[str]:
@@ -98,8 +121,12 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
+    from llavatune.data.reader import DataError, read_text
+
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(read_text(p)) or {}
+    except DataError as e:
+        raise ConfigError(f"config file {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -114,10 +141,12 @@ def parse_config(
     description: str = "",
     allow_yaml: bool = True,
     adjust: Callable[[dict[str, Any]], None] | None = None,
+    translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ):
     """Parse ``[CONFIG.yaml] [--flag value ...]`` into instances of ``dataclass_types``.
 
     YAML keys use the field names; unknown keys are an error naming the key. Flags win over YAML.
+    ``translate(values)`` maps the YAML's values onto the options first (``plan`` reads a training recipe).
     ``adjust(values)`` may change the merged ``{field: value}`` dict before the dataclasses are built (for
     decisions their constructors depend on, such as ``train --smoke`` turning bf16 off on a CPU).
     """
@@ -134,8 +163,10 @@ def parse_config(
     if allow_yaml and argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
         yaml_path = argv[0]
     if yaml_path:
-        values = load_yaml(yaml_path)
         known = _known_fields(dataclass_types)
+        values = flatten_sections(load_yaml(yaml_path), known, yaml_path)
+        if translate is not None:
+            values = translate(values)
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{yaml_path}: unknown option(s) {', '.join(unknown)}; see '{prog} --help'")
@@ -147,6 +178,7 @@ def parse_config(
     for dtype in dataclass_types:
         keys = {f.name for f in dataclasses.fields(dtype) if f.init}
         kwargs = {k: v for k, v in vars(ns).items() if k in keys}
+        _check_choices(dtype, kwargs)
         try:
             outputs.append(dtype(**kwargs))
         except ConfigError:
@@ -154,6 +186,39 @@ def parse_config(
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from None
     return outputs
+
+
+def flatten_sections(values: dict[str, Any], known: set[str], path: str | os.PathLike = "") -> dict[str, Any]:
+    """The options of a resolved configuration as :func:`save_resolved` writes it (``{section: {option: value}}``,
+    an output folder's ``llavatune_config.yaml``), flat, so that it feeds back into its command as given. A YAML file
+    of options (``option: value``) is returned as is: it is taken for sections only when every value is a mapping
+    and some key is not an option."""
+    if not values or not all(isinstance(v, dict) for v in values.values()) or set(values) <= known:
+        return values
+    flat: dict[str, Any] = {}
+    for section in values.values():
+        for k, v in section.items():
+            if k in flat and flat[k] != v:
+                raise ConfigError(f"{path}: option {k!r} has two values in different sections")
+            flat[k] = v
+    return flat
+
+
+def _check_choices(dtype: type, values: dict[str, Any]) -> None:
+    """Values of ``Literal`` options must be one of their choices, also when they come from a YAML file (argparse
+    checks only what is typed on the command line)."""
+    import typing
+
+    hints = typing.get_type_hints(dtype)
+    for name, value in values.items():
+        hint = hints.get(name)
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is typing.Union and type(None) in args:
+            if value is None:
+                continue
+            hint = next(a for a in args if a is not type(None))
+        if typing.get_origin(hint) is typing.Literal:
+            check_choice(name, value, typing.get_args(hint))
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -171,9 +236,11 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return json.loads(json.dumps(data, default=str))
 
 
-def save_resolved(path: str | os.PathLike, sections: dict[str, Any]) -> None:
-    """Write the resolved config (``{section: dataclass}``) as YAML, atomically."""
+def save_resolved(path: str | os.PathLike, sections: dict[str, Any], command: str | None = None) -> None:
+    """Write the resolved config (``{section: dataclass}``) as YAML, atomically; it feeds back into the command
+    (see :func:`flatten_sections`). ``command``: the command line that reruns it, written as a first comment line."""
     from llavatune.utils import atomic_write_text
 
     data = {name: to_dict(obj) for name, obj in sections.items()}
-    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    head = f"# {command}\n" if command else ""
+    atomic_write_text(path, head + yaml.safe_dump(data, sort_keys=False))

@@ -77,9 +77,8 @@ def baselines(train_json: Path, val_json: Path) -> dict[str, float]:
 
 
 def demo(cfg: DemoConfig) -> dict:
-    from llavatune.data.records import load_records
-    from llavatune.data.synthetic import make_shapes_vqa
-    from llavatune.model.loader import collect_texts
+    from llavatune.data.records import collect_texts, load_records
+    from llavatune.data.shapes import make_shapes_vqa
     from llavatune.model.tiny import build_tiny
 
     t0 = time.time()

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from llavatune.files import BASE_MODEL_DIR, CONFIG_FILE, META_FILE, METRICS_FILE, OUTPUT_MARKER, PREPARE_REPORT_FILE
+
 logger = logging.getLogger("llavatune")
 
 
@@ -94,16 +96,15 @@ def rebase_image_path(rel: str, root: Path, out_dir: Path) -> str:
 
 # ------------------------------------------------------------------------------- outputs never touch inputs
 
-OUTPUT_MARKER = "llavatune_output.json"
-"""Written first into every folder a llavatune command creates; ``--overwrite`` removes only folders that have it
-(or the files older llavatune versions left in their outputs, :data:`LEGACY_MARKERS`)."""
+# OUTPUT_MARKER is written first into every folder a llavatune command creates; ``--overwrite`` removes only folders
+# that have it (or the files older llavatune versions left in their outputs, LEGACY_MARKERS).
 
 LEGACY_MARKERS = (  # (kind, files that must all be there), first match wins
-    ("prepare", ("prepare_report.json",)),  # prepare writes a llavatune_config.yaml too
-    ("train", ("llavatune_config.yaml", "metrics.jsonl")),
-    ("train", ("llavatune_config.yaml", "llavatune_checkpoint.json")),
-    ("train", ("llavatune_config.yaml", "base_model/config.json")),
-    ("merge", ("llavatune_checkpoint.json", "config.json")),
+    ("prepare", (PREPARE_REPORT_FILE,)),  # prepare writes a llavatune_config.yaml too
+    ("train", (CONFIG_FILE, METRICS_FILE)),
+    ("train", (CONFIG_FILE, META_FILE)),
+    ("train", (CONFIG_FILE, f"{BASE_MODEL_DIR}/config.json")),
+    ("merge", (META_FILE, "config.json")),
 )
 
 
@@ -217,6 +218,16 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, resume:
     p.mkdir(parents=True, exist_ok=True)
     write_output_marker(p, kind)
     return p
+
+
+def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"):
+    """A tqdm progress bar on stderr: shown on a terminal only (``disable=None``), gone when done (``leave=False``).
+
+    Wraps ``iterable`` when given; else ``update()`` it by hand (and ``close()`` it)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=None, leave=False, file=sys.stderr,
+                dynamic_ncols=True)
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -182,7 +182,7 @@ FAULTS = [
     Fault("bad JSON line (.jsonl)", "invalid-json", _jsonl_bad_line, record="#3", data_name="data.jsonl", line=4,
           message="not valid JSON"),
     # the file itself is wrong: refused whatever --max_bad_records says
-    Fault("not JSON", "invalid-json", _raw(b'[{"id": "r0", '), record=None, message="not valid JSON"),
+    Fault("not JSON", "invalid-json", _raw(b'[{"id": "r0", '), record=None, line=1, message="not valid JSON"),
     Fault("not a list", "not-a-list", _raw(b'{"id": "r0"}'), record=None, message="expected a JSON list"),
     Fault("no records", "no-records", _raw(b"[]"), record=None, message="holds no records"),
     Fault("not UTF-8", "invalid-utf8", lambda root, recs: json.dumps(recs).replace("red", "r\udce9d").encode(
@@ -227,7 +227,7 @@ def test_fault_through_check_and_train(fault: Fault, base, tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     assert fault.kind in report["counts"]["error"], report["counts"]
     if fault.structural:
-        assert f"{data}: " in out and fault.message in out
+        assert f"{loc}: " in out and fault.message in out
     else:
         assert any(line.strip().startswith(where) and fault.message in line for line in out.splitlines()), out
         assert report["records"]["rejected"] == 1
@@ -240,7 +240,7 @@ def test_fault_through_check_and_train(fault: Fault, base, tmp_path, capsys):
     out, err = capsys.readouterr()
     line = _error_line(err, "llavatune train")
     assert rc == 1 and "Traceback" not in out + err
-    assert fault.message in line and (where in line if not fault.structural else f"{data}: " in line), line
+    assert fault.message in line and (where in line if not fault.structural else f"{loc}: " in line), line
     assert not run.exists(), "a refused run leaves no half-written output folder"
 
     if not fault.structural:

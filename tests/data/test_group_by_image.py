@@ -12,7 +12,7 @@ from PIL import Image
 
 from llavatune.cli import main as cli_main
 from llavatune.data.records import IMAGE_TOKEN, load_records, record_problems
-from llavatune.data.synthetic import make_shapes_vqa
+from llavatune.data.shapes import make_shapes_vqa
 from llavatune.eval.evaluate import EvalSet, question_records
 
 SUFFIX = "Answer the question using a single word or phrase."

@@ -15,7 +15,7 @@ from PIL import Image
 from llavatune.cli import main as cli_main
 from llavatune.data.prepare import image_extension, majority_answer, parse_answer_list
 from llavatune.data.records import load_records, record_problems
-from llavatune.data.synthetic import make_shapes_vqa
+from llavatune.data.shapes import make_shapes_vqa
 
 SUFFIX = "Answer the question using a single word or phrase."
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from llavatune.cli import main as cli_main
 from llavatune.data.records import load_records
-from llavatune.data.synthetic import make_shapes_vqa
+from llavatune.data.shapes import make_shapes_vqa
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

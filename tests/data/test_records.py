@@ -70,7 +70,7 @@ def test_errors_name_file_record_and_field(tmp_path, obj, field, words):
 def test_jsonl_error_names_line_and_utf8_error_names_byte(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"id": "a", "conversations": []}\n{not json\n')
-    with pytest.raises(DataError, match="line 2"):
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid JSON"):
         load_records(p)
     q = tmp_path / "u.json"
     q.write_bytes(b'[{"id": "\xff"}]')

@@ -30,6 +30,7 @@ from llavatune.data.records import load_records
 from llavatune.data.synth import (
     DETAIL_INSTRUCTIONS,
     ChatClient,
+    ItemError,
     ReplyCache,
     ReplyError,
     SynthArgs,
@@ -319,7 +320,7 @@ def test_box_normalization_and_jsonl_boxes(llm, tmp_path, capsys):
     assert normalize_box([100, 50, 200, 100], "xyxy", 300, 150) == (0.333, 0.333, 0.667, 0.667)
     assert normalize_box([0.12345, 0.5, 1.2, 0.9], "xyxy_norm", None, None) == (0.123, 0.5, 1.0, 0.9)
     for bad in ([1, 2, 3], [0, 0, -1, 5], "box", [0, 0, float("nan"), 1]):
-        with pytest.raises(synth._ItemError):
+        with pytest.raises(ItemError):
             normalize_box(bad, "xywh", 10, 10)
 
     root = tmp_path / "j"

@@ -445,11 +445,13 @@ def test_merge_refuses_existing_out_and_replaces_atomically(ckpts, tmp_path, cap
     out.rmdir()
     assert cli_main(["merge", "--model", str(ckpts["lora"]), "--out", str(out)]) == 0
     (out / "stale.txt").write_text("from the earlier merge")
-    assert cli_main(["merge", "--model", str(ckpts["full"]), "--out", str(out), "--overwrite"]) == 0
+    assert cli_main(["merge", "--model", str(ckpts["full"]), "--out", str(out), "--overwrite", "--template",
+                     "llava_v1"]) == 0
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], "no temp folders left next to the output"
     meta = json.loads((out / "llavatune_checkpoint.json").read_text())
     assert meta["method"] == "merged" and meta["source_method"] == "full"
+    assert meta["template"] == "llava_v1"  # --template: recorded for predict / chat / eval of the merged model
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -184,7 +184,7 @@ def test_lora_model_shares_prefixes_too(tiny, pictures):
 @pytest.fixture(scope="module")
 def vqav2_eval(tmp_path_factory):
     """A VQAv2-layout validation set (5 questions per image), prepared flat and grouped, and a tiny model."""
-    from llavatune.data.synthetic import make_shapes_vqa
+    from llavatune.data.shapes import make_shapes_vqa
 
     root = tmp_path_factory.mktemp("vqav2_eval")
     paths = make_shapes_vqa(root / "src", n_train_images=0, n_val_images=12, questions_per_image=5, image_size=32,

@@ -154,7 +154,7 @@ def test_qlora_under_autocast_keeps_frozen_weights_16bit(shapes, tmp_path):
 
 def test_loss_from_supervised_positions_only_equals_the_full_logits_loss(shapes, tmp_path):
     """LlavaTrainer computes logits only where the next token is supervised: same loss, same gradients."""
-    from llavatune.train.llava_trainer import forward_loss, supervised_positions
+    from llavatune.model.loss import forward_loss, supervised_positions
 
     trainer = run_train(["--model", "tiny", "--data", shapes["train"], "--output_dir", tmp_path / "run", "--max_steps", "1",
                          "--save_strategy", "no", *FAST])

@@ -45,6 +45,7 @@ from llavatune.data.records import (
     validate_data,
     write_records,
 )
+from llavatune.data.templates import TemplateName
 from llavatune.utils import UserError, atomic_write_text, check_output_file, image_path_mode, rebase_image_path
 
 __all__ = ["Problem", "CheckReport", "check_dataset", "write_fixed", "CheckArgs", "main"]
@@ -475,10 +476,9 @@ class CheckArgs:
     truncation: str = "drop"
     """what training will do with over-long samples, as train's --truncation: 'drop' them or 'truncate' them to
     the whole exchanges that fit (needs --model)"""
-    template: str = "auto"
+    template: TemplateName = "auto"
     """prompt template training will use, as train's --template (needs --model): auto (the one recorded in a
-    llavatune checkpoint, else the model's chat template, else vicuna_v1) or a named template (vicuna_v1, llava_v1,
-    llava_llama_2, mistral_instruct, chatml_direct, plain, ...)"""
+    llavatune checkpoint, else the model's chat template, else vicuna_v1) or a named template"""
     max_pixels: int = MAX_PIXELS
     """images with more pixels than this are errors (decompression-bomb guard)"""
     fix: str | None = None
@@ -496,13 +496,9 @@ class CheckArgs:
     gains "shown" (see llavatune.data.show)"""
 
     def __post_init__(self):
-        from llavatune.data.templates import TEMPLATE_NAMES
-
         if self.show < 0 or (self.show and not self.model):
             raise ConfigError("--show N: N must be 0 or more, and --show needs --model (its tokenizer and template "
                               "decide what the model sees)")
-        if self.template not in TEMPLATE_NAMES:
-            raise ConfigError(f"--template: {self.template!r} is not one of {', '.join(TEMPLATE_NAMES)}")
         for name in ("max_length", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}: must be at least 1, got {getattr(self, name)}")

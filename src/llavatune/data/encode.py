@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from llavatune._compat import has_variable_image_tokens
+from llavatune._compat import processor_image_tokens as anyres_image_tokens
 from llavatune.data.images import ImageError, open_image
 from llavatune.data.records import IMAGE_TOKEN, Record, Turn, record_problems
 from llavatune.data.templates import ChatTemplateSegmenter, canonical, get_segmenter
@@ -87,16 +89,6 @@ def pil_image_processor(image_processor: Any) -> Any:
         return image_processor
     settings = {k: v for k, v in image_processor.to_dict().items() if k not in ("image_processor_type", "processor_class")}
     return twin(**settings)
-
-
-def has_variable_image_tokens(processor: Any) -> bool:
-    """LLaVA-NeXT tiles each image by its size ("any resolution"): its token count depends on the image."""
-    return hasattr(processor, "_get_number_of_features")
-
-
-def anyres_image_tokens(processor: Any, image_sizes) -> list[int]:
-    """Tokens of each image for an any-resolution processor, from each image's (height, width)."""
-    return list(processor._get_num_multimodal_tokens(image_sizes=[list(s) for s in image_sizes]).num_image_tokens)
 
 
 def image_size(path) -> tuple[int, int]:

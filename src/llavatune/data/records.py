@@ -20,12 +20,23 @@ field, and say what to do.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
+from llavatune.data.reader import (  # noqa: F401  (re-exported: records' readers are the reader module's)
+    DataError,
+    decode_text,
+    iter_jsonl_lines,
+    jsonl_lines,
+    parse_json,
+    parse_jsonl,
+    parse_jsonl_line,
+    read_json_objects,
+    read_jsonl_lines,
+    record_list,
+)
 from llavatune.utils import UserError, atomic_write_json
 
 IMAGE_TOKEN = "<image>"
@@ -34,31 +45,6 @@ ROLE_ALIASES = {
     "gpt": "gpt", "assistant": "gpt",
     "system": "system",
 }  # fmt: skip
-
-
-class DataError(UserError):
-    """Bad input data. ``str()`` is ``FILE: record ID: field FIELD: message``; ``kind`` classifies it (the same
-    kinds :class:`Problem` uses, e.g. ``unknown-role``), so callers never match message text."""
-
-    def __init__(
-        self,
-        file: str | os.PathLike | None,
-        record: Any,
-        field_name: str | None,
-        message: str,
-        *,
-        line: int | None = None,
-        kind: str = "malformed-record",
-    ):
-        self.file, self.record, self.field, self.message = file, record, field_name, message
-        self.line = line  # line number in ``file``, when the error is about one line
-        self.kind = kind
-        parts = [str(file) if file else "<data>"]
-        if record is not None:
-            parts.append(f"record {record}")
-        if field_name:
-            parts.append(f"field '{field_name}'")
-        super().__init__(": ".join(parts) + f": {message}")
 
 
 @dataclass
@@ -193,65 +179,14 @@ def parse_record(obj: Any, file: str | os.PathLike | None = None, index: int = 0
     return Record(id=str(rid), conversations=turns, images=images, extra=extra, source=str(file), index=index)
 
 
-def _read_text(p: Path) -> str:
-    raw = p.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(p, None, None, f"invalid UTF-8 at byte {e.start} (line {line}); re-save the file as UTF-8") from None
-
-
-def iter_jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """Lazy :func:`read_jsonl_lines`: a missing or non-UTF-8 file fails at once, bad JSON when its line is reached.
-
-    For callers that check each object as it comes, so the first bad line (of any kind) is the one reported.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(p, None, None, "file not found")
-    return parse_jsonl(p, _read_text(p))
-
-
-def parse_jsonl(p: Path, text: str) -> Iterator[tuple[int, Any]]:
-    """``(line number, object)`` for each non-blank line of JSONL ``text`` read from ``p`` (named in errors)."""
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit in strings
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(p, f"on line {n}", None, f"not valid JSON: {e.msg}", line=n) from None
-        yield n, obj
-
-
-def read_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, Any]]:
-    """``(line number, object)`` for each non-blank line of a JSONL file; errors name the file and line."""
-    return list(iter_jsonl_lines(path))
-
-
-def read_json_objects(path: str | os.PathLike) -> list[Any]:
-    """Read a ``.json`` list or a ``.jsonl`` file; errors name the file and line."""
-    p = Path(path)
-    if p.suffix == ".jsonl":
-        return [obj for _, obj in read_jsonl_lines(p)]
-    if not p.is_file():
-        raise DataError(p, None, None, "file not found")
-    text = _read_text(p)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(p, None, None, f"not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(p, None, None, "expected a JSON list of records (or a .jsonl file, one record per line)")
-    return data
-
-
 def load_records(path: str | os.PathLike) -> list[Record]:
     """Load every record of a LLaVA/messages ``.json`` or ``.jsonl`` file (strict: first error raises)."""
     return [parse_record(o, path, i) for i, o in enumerate(read_json_objects(path))]
+
+
+def collect_texts(records: Iterable[Record]) -> list[str]:
+    """Every turn's text, in order: what a built-in tiny model trains its tokenizer on (``train --model tiny``)."""
+    return [t.value for r in records for t in r.conversations]
 
 
 def write_records(path: str | os.PathLike, records: Iterable[Record]) -> None:
@@ -519,54 +454,31 @@ def _find_surrogate(obj: Any, path: str = "") -> str | None:
 
 def _read_entries(p: Path, v: Validation) -> list[Entry] | None:
     """Read the file leniently: bad bytes and bad .jsonl lines become problems, not exceptions."""
-    import codecs
 
-    raw = p.read_bytes()
-    body = raw[len(codecs.BOM_UTF8) :] if raw.startswith(codecs.BOM_UTF8) else raw
-    bom = len(raw) - len(body)
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        offset = bom + e.start
-        line = raw[:offset].count(b"\n") + 1
-        text = body.decode("utf-8", errors="surrogateescape")
-        n_bad = sum(1 for c in text if "\udc80" <= c <= "\udcff")
-        v.problems.append(Problem(
-            ERROR, "invalid-utf8",
-            f"invalid UTF-8 at byte {offset} (line {line}); {n_bad} bad byte(s) in all; the records holding them are "
-            "rejected; re-save the file as UTF-8",
-            file=str(p), structural=True,
-        ))  # fmt: skip
+    def structural(err: DataError) -> None:
+        v.problems.append(Problem(ERROR, err.kind, err.message, file=str(p) if err.line is None else f"{p}:{err.line}",
+                                  structural=True))
+
+    text, bad_bytes = decode_text(p.read_bytes(), p, lenient=True)
+    if bad_bytes is not None:
+        structural(bad_bytes)
     entries: list[Entry] = []
     if p.suffix == ".jsonl":
-        # split on "\n" only: str.splitlines() would also split inside strings holding U+2028 etc.
-        for n, line_text in enumerate(text.split("\n"), 1):
-            if not line_text.strip():
-                continue
+        for n, line_text in jsonl_lines(text):
             loc = f"{p}:{n}"
             try:
-                obj = json.loads(line_text)
-            except json.JSONDecodeError as e:
+                obj = parse_jsonl_line(line_text, p, n)
+            except DataError as err:
                 ent = Entry(index=len(entries), raw=line_text, ref=f"#{len(entries)}", loc=loc, line=n)
-                ent.add(ERROR, "invalid-json", f"not valid JSON (column {e.colno}): {e.msg}")
+                ent.add(ERROR, err.kind, err.message)
                 entries.append(ent)
                 continue
             entries.append(Entry(index=len(entries), raw=obj, ref="", loc=loc, line=n))
         return entries
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        v.problems.append(Problem(ERROR, "invalid-json", f"not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}",
-                                  file=str(p), structural=True))
-        return None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        v.problems.append(Problem(
-            ERROR, "not-a-list",
-            f"expected a JSON list of records (or a .jsonl file, one record per line), got {type(data).__name__}",
-            file=str(p), structural=True,
-        ))  # fmt: skip
+        data = record_list(parse_json(text, p), p)
+    except DataError as err:
+        structural(err)
         return None
     return [Entry(index=i, raw=obj, ref="", loc=str(p)) for i, obj in enumerate(data)]
 
@@ -657,7 +569,18 @@ def validate_data(
         v.problems.append(Problem(ERROR, "no-records", "the file holds no records", file=str(p), structural=True))
         return v
 
-    # record refs: the id as written, with the position when the id repeats (else both would read the same)
+    _name_entries(entries, purpose)
+    parsed = [e for e in entries if not e.errors]  # an invalid JSON line: nothing more to check
+    for e in parsed:
+        _check_entry(e, p, purpose)
+    _check_duplicate_ids(parsed, purpose)
+    _check_images(v, root, verify_images, max_pixels, workers, cache, progress, workers_flag, resolve_under)
+    return v
+
+
+def _name_entries(entries: list[Entry], purpose: str) -> None:
+    """How messages name each record: the id as written, with the position when the id repeats (else both would
+    read the same), or ``#index`` when it has none."""
     ids = [_raw_id(e.raw) for e in entries]
     counts: dict[str, int] = {}
     for rid in ids:
@@ -672,38 +595,45 @@ def validate_data(
             e.ref = f"{rid!r}" if rid is not None and counts[rid] == 1 else (
                 f"{rid!r} (#{e.index})" if rid is not None else f"#{e.index}")
 
+
+def _check_entry(e: Entry, p: Path, purpose: str) -> None:
+    """Parse one record and add its problems (undecodable bytes, structure, :func:`record_problems`); a record that
+    does not parse still has its image paths collected, so its images are checked too."""
+    obj = e.raw
+    bad_field = _find_surrogate(obj)
+    if bad_field is not None:
+        e.add(ERROR, "invalid-utf8", "holds invalid UTF-8 bytes", bad_field)
+    try:
+        rec = parse_query_row(obj, e.loc, e.index, e.ref) if purpose == "predict" else parse_record(obj, p, e.index)
+    except DataError as err:
+        e.add(ERROR, err.kind, err.message, err.field)
+        e.images, e.image_field = _raw_images(obj, purpose)
+        return
+    rec.source, rec.index = e.loc, e.index
+    e.record = rec
+    e.images = list(rec.images)
+    e.image_field = "images" if isinstance(obj, dict) and "messages" in obj and purpose != "predict" else "image"
+    for q in record_problems(rec, purpose):
+        e.add(q.severity, q.kind, q.message, q.field)
+
+
+def _check_duplicate_ids(entries: list[Entry], purpose: str) -> None:
+    """Every record after the first with a given id is an error (evaluation matches answers by id); ``predict`` rows
+    need no id."""
+    if purpose == "predict":
+        return
     first_by_id: dict[str, Entry] = {}
     for e in entries:
-        if e.errors:  # invalid JSON line: nothing more to check
-            continue
-        obj = e.raw
-        bad_field = _find_surrogate(obj)
-        if bad_field is not None:
-            e.add(ERROR, "invalid-utf8", "holds invalid UTF-8 bytes", bad_field)
-        try:
-            rec = parse_query_row(obj, e.loc, e.index, e.ref) if purpose == "predict" else parse_record(obj, p, e.index)
-        except DataError as err:
-            e.add(ERROR, err.kind, err.message, err.field)
-            e.images, e.image_field = _raw_images(obj, purpose)
-        else:
-            rec.source, rec.index = e.loc, e.index
-            e.record = rec
-            e.images = list(rec.images)
-            e.image_field = "images" if isinstance(obj, dict) and "messages" in obj and purpose != "predict" else "image"
-            for q in record_problems(rec, purpose):
-                e.add(q.severity, q.kind, q.message, q.field)
-        rid = _raw_id(obj) if purpose != "predict" else None
-        if rid is None and e.record is not None and purpose != "predict":
+        rid = _raw_id(e.raw)
+        if rid is None and e.record is not None:
             rid = e.record.id
-        if rid is not None:
-            first = first_by_id.setdefault(rid, e)
-            if first is not e:
-                e.add(ERROR, "duplicate-id",
-                      f"record #{e.index}{_line(e)} repeats the id {rid!r} of record #{first.index}{_line(first)}; ids "
-                      "must be unique (evaluation matches answers by id)", "id")
-
-    _check_images(v, root, verify_images, max_pixels, workers, cache, progress, workers_flag, resolve_under)
-    return v
+        if rid is None:
+            continue
+        first = first_by_id.setdefault(rid, e)
+        if first is not e:
+            e.add(ERROR, "duplicate-id",
+                  f"record #{e.index}{_line(e)} repeats the id {rid!r} of record #{first.index}{_line(first)}; ids "
+                  "must be unique (evaluation matches answers by id)", "id")
 
 
 def _line(e: Entry) -> str:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 from llavatune.data.records import IMAGE_TOKEN, Turn
 
@@ -68,8 +68,13 @@ LLAMA2_SYSTEM = (
 CHATML_DIRECT_SYSTEM = "Answer the questions."
 # Names as the original conv_templates spells them; "chatml" is ours (not an original LLaVA template).
 ALIASES = {"v1": "vicuna_v1", "mistral_direct": "chatml_direct"}
+# Every name --template accepts, in every command ("auto": the checkpoint's or the model's own), listed here only:
+# options type themselves with TemplateName (their --help lists the choices), ChatTemplateName those with a Jinja form.
 TEMPLATE_NAMES = ("auto", "vicuna_v1", "v1", "llava_v1", "llava_llama_2", "mistral_instruct", "chatml_direct",
                   "mistral_direct", "plain", "chatml", "paligemma")
+CHAT_TEMPLATE_NAMES = tuple(n for n in TEMPLATE_NAMES if n not in ("auto", "plain", "paligemma"))
+TemplateName = Literal[TEMPLATE_NAMES]  # type: ignore[valid-type]
+ChatTemplateName = Literal[CHAT_TEMPLATE_NAMES]  # type: ignore[valid-type]
 
 
 def _split_system(turns: list[Turn], default: str) -> tuple[str, list[Turn]]:

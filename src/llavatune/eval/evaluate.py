@@ -33,7 +33,15 @@ from llavatune.data.records import (
 )
 from llavatune.eval.score import aggregate
 from llavatune.eval.vqa_metric import check_stemmer, exact_match, token_f1, vqa_score
-from llavatune.infer.generate import Query, generate, parse_stop, split_for_eval
+from llavatune.files import (
+    EVAL_METRICS_FILE,
+    EVAL_PREDICTIONS_DIR,
+    IMAGE_CHECKS_FILE,
+    PREDICTIONS_FILE,
+    SKIPPED_FILE,
+)
+from llavatune.infer.generate import Query, generate, parse_stop
+from llavatune.infer.options import LoadOptions
 from llavatune.model.refs import resolve_model
 from llavatune.utils import (
     UserError,
@@ -69,6 +77,14 @@ class EvalSet:
             queries.append(Query(turns, images, r.ref))
             refs.append(ref)
         return cls(records, queries, refs)
+
+
+def split_for_eval(rec: Record) -> tuple[list[Turn], str | None]:
+    """Prompt turns (everything before the last answer) and that answer (the reference), for a record."""
+    last = max((i for i, t in enumerate(rec.conversations) if t.role == "gpt"), default=None)
+    if last is None:
+        return list(rec.conversations), None
+    return list(rec.conversations[:last]), rec.conversations[last].value
 
 
 def question_records(rec: Record) -> list[Record]:
@@ -166,26 +182,19 @@ def _init_distributed() -> None:
 
 
 @config
-class EvalConfig:
-    model: Optional[str] = None
-    """Checkpoint to evaluate: a training output or checkpoint-N folder (adapter or full), a merged model, or a
-    llava-hf hub id."""
+class EvalConfig(LoadOptions):
     data: Optional[str] = None
     """Evaluation data (LLaVA-format .json/.jsonl, e.g. the output of 'llavatune prepare')."""
     out: Optional[str] = None
     """Folder for predictions.jsonl and metrics.json (default: print metrics only)."""
     image_folder: Optional[str] = None
     """Folder image paths are relative to (default: the data file's folder)."""
-    base_model: Optional[str] = None
-    """Base model for an adapter checkpoint whose recorded base cannot be found."""
     batch_size: int = 16
     """Generation batch size (left-padded, KV cache)."""
     max_new_tokens: int = 16
     """Maximum tokens generated per answer."""
     stop: Optional[str] = None
     """Comma-separated stop strings: the answer is cut at the first one."""
-    template: Optional[str] = None
-    """Prompt template (default: the one the checkpoint was trained with, else 'auto')."""
     max_samples: Optional[int] = None
     """Evaluate only the first N questions (each question of a grouped record counts)."""
     share_image_prefix: bool = True
@@ -194,8 +203,6 @@ class EvalConfig:
     from its full prompt."""
     stem: bool = False
     """Stem predictions and answers before matching (OK-VQA v1.1 answers are stemmed; needs nltk)."""
-    dtype: str = "auto"
-    """Weights dtype: auto, bfloat16, float16 or float32."""
     overwrite: bool = False
     """Replace existing predictions/metrics in --out."""
     max_bad_records: float = MAX_BAD_RECORDS
@@ -206,6 +213,7 @@ class EvalConfig:
     verdicts are remembered in OUT/image_checks.json."""
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 <= self.max_bad_records <= 1:
             raise ConfigError(f"--max_bad_records: a fraction in [0, 1], got {self.max_bad_records}")
 
@@ -216,7 +224,7 @@ def load_eval_records(data: str, image_folder: str | None, max_bad_records: floa
     Refuses the file past ``max_bad_records``."""
     from llavatune.data.images import VerdictCache
 
-    cache = VerdictCache(Path(out) / "image_checks.json") if out else None
+    cache = VerdictCache(Path(out) / IMAGE_CHECKS_FILE) if out else None
     v = validate_data(data, image_folder, purpose="eval", cache=cache, workers=workers)
     records = [normalize_image_placement(r) for r in v.accept(max_bad_records)]
     for line in v.skip_report("eval data"):
@@ -227,7 +235,6 @@ def load_eval_records(data: str, image_folder: str | None, max_bad_records: floa
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from llavatune.infer.predict import load_predictor
 
     if not cfg.model or not cfg.data:
         raise UserError("--model and --data are required")
@@ -238,9 +245,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         out = Path(cfg.out)
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {cfg.out}: exists and is a file; give a folder for predictions.jsonl and metrics.json")
-        for name in ("predictions.jsonl", "metrics.json", "skipped_records.jsonl", "image_checks.json"):
+        for name in (PREDICTIONS_FILE, EVAL_METRICS_FILE, SKIPPED_FILE, IMAGE_CHECKS_FILE):
             check_output_file(out / name, {"--data": cfg.data}, "--out")
-        if (out / "metrics.json").exists() and not cfg.overwrite:
+        if (out / EVAL_METRICS_FILE).exists() and not cfg.overwrite:
             raise UserError(f"{cfg.out}/metrics.json exists; pass --overwrite to replace it")
     records, validation, cache = load_eval_records(cfg.data, cfg.image_folder, cfg.max_bad_records, cfg.out,
                                                    cfg.image_workers)
@@ -250,7 +257,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     eset = EvalSet.from_records(records, root, max_questions=cfg.max_samples)
     _init_distributed()  # launched with torchrun: every rank answers a shard, answers are gathered
     world, rank = _world()
-    predictor = load_predictor(cfg.model, base_model=cfg.base_model, dtype=cfg.dtype, template=cfg.template)
+    predictor = cfg.load_predictor()
     model, encoder = predictor.model, predictor.encoder
     stop = parse_stop(cfg.stop)
     timing: dict[str, Any] = {}
@@ -265,10 +272,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         metrics["skipped_records"] = [{k: r[k] for k in ("index", "id", "line", "reasons") if k in r} for r in skipped]
     if cfg.out and rank == 0:
         out = Path(cfg.out)
-        atomic_write_jsonl(out / "predictions.jsonl", rows)
-        atomic_write_json(out / "metrics.json", metrics)
-        if skipped or (out / "skipped_records.jsonl").exists():
-            atomic_write_jsonl(out / "skipped_records.jsonl", skipped)
+        atomic_write_jsonl(out / PREDICTIONS_FILE, rows)
+        atomic_write_json(out / EVAL_METRICS_FILE, metrics)
+        if skipped or (out / SKIPPED_FILE).exists():
+            atomic_write_jsonl(out / SKIPPED_FILE, skipped)
         cache.save()
         save_resolved(out / CONFIG_FILE, {"eval": cfg})
     return metrics
@@ -358,7 +365,7 @@ def make_generation_eval(encoder: Encoder, eset: EvalSet, batch_size: int, max_n
         metrics.update(generation_seconds=timing["generation_seconds"],
                        generation_samples_per_second=timing["samples_per_second"])
         if _world()[1] == 0:
-            atomic_write_jsonl(out_dir / "eval_predictions" / f"step-{step_fn()}.jsonl", rows)
+            atomic_write_jsonl(out_dir / EVAL_PREDICTIONS_DIR / f"step-{step_fn()}.jsonl", rows)
             for r in rows[:shown]:
                 logger.info(f"  [{r['id']}] Q: {r['question'][:80]!r} -> {r['prediction']!r} (reference {r['reference']!r})")
         keep = ("vqa_accuracy", "exact_match", "token_f1", "generation_seconds", "generation_samples_per_second")

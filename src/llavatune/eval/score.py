@@ -20,11 +20,10 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Hashable, Iterator, Mapping, Optional
 
 from llavatune.config import ConfigError, config, parse_config
-from llavatune.data.records import DataError, parse_jsonl
+from llavatune.data.reader import DataError, load_json, parse_jsonl, read_text
 from llavatune.utils import UserError, atomic_write_json, check_output_file
 
 from .vqa_metric import vqa_score
@@ -75,29 +74,11 @@ def _qid_key(value: Any) -> str | None:
     return None
 
 
-def _read_text(path: str | os.PathLike, what: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what} file {p} does not exist")
-    try:
-        return p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def _load_json(path: str | os.PathLike, what: str) -> Any:
-    text = _read_text(path, what)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
-
-
 def _entries(path: str | os.PathLike, what: str, key: str) -> list[Any]:
-    data = _load_json(path, what)
+    data = load_json(path, f"--{what}")
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         got = f"an object with keys {sorted(data)[:5]}" if isinstance(data, dict) else type(data).__name__
-        raise UserError(f'{path}: expected the official {what} format {{"{key}": [...]}}, got {got}')
+        raise DataError(path, None, None, f'expected the official {what} format {{"{key}": [...]}}, got {got}')
     return data[key]
 
 
@@ -110,9 +91,9 @@ def _entries_by_id(path: str | os.PathLike, key: str) -> Iterator[tuple[int, str
     for i, entry in enumerate(_entries(path, key, key)):
         qid = _qid_key(entry.get("question_id")) if isinstance(entry, dict) else None
         if qid is None:
-            raise UserError(f"{path}: {key}[{i}] has no valid question_id (an integer or a string)")
+            raise DataError(path, None, None, f"{key}[{i}] has no valid question_id (an integer or a string)")
         if qid in seen:
-            raise UserError(f"{path}: {key}[{i}]: duplicate question_id {qid}")
+            raise DataError(path, None, None, f"{key}[{i}]: duplicate question_id {qid}")
         seen.add(qid)
         yield i, qid, entry
 
@@ -123,7 +104,7 @@ def load_questions(path: str | os.PathLike) -> dict[str, dict]:
     for _, qid, q in _entries_by_id(path, "questions"):
         out[qid] = q
     if not out:
-        raise UserError(f"{path}: the questions list is empty")
+        raise DataError(path, None, None, "the questions list is empty")
     return out
 
 
@@ -133,12 +114,12 @@ def load_annotations(path: str | os.PathLike) -> dict[str, dict]:
     for i, qid, a in _entries_by_id(path, "annotations"):
         answers = a.get("answers")
         if not isinstance(answers, list) or not answers:
-            raise UserError(f"{path}: annotations[{i}] (question_id {qid}) has no answers list")
+            raise DataError(path, None, None, f"annotations[{i}] (question_id {qid}) has no answers list")
         texts = []
         for j, ans in enumerate(answers):
             text = ans.get("answer") if isinstance(ans, dict) else None
             if not isinstance(text, str):
-                raise UserError(f'{path}: annotations[{i}] (question_id {qid}): answers[{j}] needs an "answer" string')
+                raise DataError(path, None, None, f'annotations[{i}] (question_id {qid}): answers[{j}] needs an "answer" string')
             texts.append(text)
         out[qid] = {
             "answers": texts,
@@ -148,7 +129,7 @@ def load_annotations(path: str | os.PathLike) -> dict[str, dict]:
     return out
 
 
-def _json_values(text: str) -> Iterator[tuple[int, Any]]:
+def _json_values(path: str | os.PathLike, text: str) -> Iterator[tuple[int, Any]]:
     """(line number, value) for each element of a top-level JSON list, keeping element line numbers."""
     decoder = json.JSONDecoder()
 
@@ -160,6 +141,9 @@ def _json_values(text: str) -> Iterator[tuple[int, Any]]:
     def lineno(pos: int) -> int:
         return text.count("\n", 0, pos) + 1
 
+    def bad(line: int, message: str) -> DataError:
+        return DataError(path, None, None, message, line=line, kind="invalid-json")
+
     pos = skip(text.index("[") + 1)
     if pos < len(text) and text[pos] == "]":
         pos = skip(pos + 1)
@@ -169,7 +153,7 @@ def _json_values(text: str) -> Iterator[tuple[int, Any]]:
             try:
                 value, pos = decoder.raw_decode(text, pos)
             except json.JSONDecodeError as e:
-                raise _Bad(e.lineno, f"not valid JSON ({e.msg})") from None
+                raise bad(e.lineno, f"not valid JSON (column {e.colno}): {e.msg}") from None
             yield lineno(start), value
             pos = skip(pos)
             if pos < len(text) and text[pos] == ",":
@@ -178,25 +162,9 @@ def _json_values(text: str) -> Iterator[tuple[int, Any]]:
             if pos < len(text) and text[pos] == "]":
                 pos = skip(pos + 1)
                 break
-            raise _Bad(lineno(pos), "not valid JSON (expected ',' or ']' in the list)")
+            raise bad(lineno(pos), "not valid JSON (expected ',' or ']' in the list)")
     if pos < len(text):
-        raise _Bad(lineno(pos), "not valid JSON (extra data after the list)")
-
-
-def _jsonl_values(path: str | os.PathLike, text: str) -> Iterator[tuple[int, Any]]:
-    """(line number, value) for each non-blank line, parsed lazily so errors keep their line order."""
-    try:
-        yield from parse_jsonl(Path(path), text)
-    except DataError as e:
-        if e.line is None:
-            raise
-        raise _Bad(e.line, e.message) from None
-
-
-class _Bad(Exception):
-    def __init__(self, line: int, message: str):
-        super().__init__(message)
-        self.line = line
+        raise bad(lineno(pos), "not valid JSON (extra data after the list)")
 
 
 def load_predictions(path: str | os.PathLike) -> dict[str, tuple[int, str]]:
@@ -206,34 +174,35 @@ def load_predictions(path: str | os.PathLike) -> dict[str, tuple[int, str]]:
     field (``llavatune eval``'s predictions.jsonl). Every error names the file and the line: bad JSON, a missing
     or invalid ``question_id`` or answer, an empty answer, a duplicate question id.
     """
-    text = _read_text(path, "predictions")
-    values = _json_values(text) if text.lstrip().startswith("[") else _jsonl_values(path, text)
+    text = read_text(path, "--predictions")
+    values = _json_values(path, text) if text.lstrip().startswith("[") else parse_jsonl(path, text)
     out: dict[str, tuple[int, str]] = {}
-    try:
-        for line, obj in values:
-            if not isinstance(obj, dict):
-                raise _Bad(line, f'expected an object {{"question_id": ..., "answer": ...}}, got {type(obj).__name__}')
-            keys = ", ".join(sorted(obj)) or "none"
-            if "question_id" not in obj:
-                raise _Bad(line, f'prediction has no "question_id" (keys: {keys}); eval and predict copy it from '
-                                 "records that have one, as prepare okvqa / vqav2 write them")
-            key = next((k for k in ANSWER_KEYS if k in obj), None)
-            if key is None:
-                raise _Bad(line, f'prediction has no "answer" (predict, official results) or "prediction" (eval) '
-                                 f"(keys: {keys})")
-            qid = _qid_key(obj["question_id"])
-            if qid is None:
-                raise _Bad(line, f"invalid question_id {obj['question_id']!r} (need an integer or a string)")
-            answer = obj[key]
-            if not isinstance(answer, str):
-                raise _Bad(line, f"answer for question_id {qid} must be a string, got {type(answer).__name__}")
-            if not answer.strip():
-                raise _Bad(line, f"empty answer for question_id {qid}")
-            if qid in out:
-                raise _Bad(line, f"duplicate question_id {qid} (first at line {out[qid][0]})")
-            out[qid] = (line, answer)
-    except _Bad as e:
-        raise UserError(f"{path}: line {e.line}: {e}") from None
+
+    def bad(line: int, message: str) -> DataError:
+        return DataError(path, None, None, message, line=line)
+
+    for line, obj in values:
+        if not isinstance(obj, dict):
+            raise bad(line, f'expected an object {{"question_id": ..., "answer": ...}}, got {type(obj).__name__}')
+        keys = ", ".join(sorted(obj)) or "none"
+        if "question_id" not in obj:
+            raise bad(line, f'prediction has no "question_id" (keys: {keys}); eval and predict copy it from '
+                             "records that have one, as prepare okvqa / vqav2 write them")
+        key = next((k for k in ANSWER_KEYS if k in obj), None)
+        if key is None:
+            raise bad(line, f'prediction has no "answer" (predict, official results) or "prediction" (eval) '
+                             f"(keys: {keys})")
+        qid = _qid_key(obj["question_id"])
+        if qid is None:
+            raise bad(line, f"invalid question_id {obj['question_id']!r} (need an integer or a string)")
+        answer = obj[key]
+        if not isinstance(answer, str):
+            raise bad(line, f"answer for question_id {qid} must be a string, got {type(answer).__name__}")
+        if not answer.strip():
+            raise bad(line, f"empty answer for question_id {qid}")
+        if qid in out:
+            raise bad(line, f"duplicate question_id {qid} (first at line {out[qid][0]})")
+        out[qid] = (line, answer)
     if not out:
         raise UserError(f"{path}: no predictions found")
     return out

@@ -17,7 +17,8 @@ from typing import Any, Callable, Optional, TextIO
 
 from llavatune.config import config, parse_config
 from llavatune.data.records import Turn
-from llavatune.infer.predict import Predictor, check_image, load_predictor, open_checked_image
+from llavatune.infer.options import LoadOptions
+from llavatune.infer.predict import Predictor, check_image, open_checked_image
 from llavatune.utils import UserError
 
 HELP = "commands: /image PATH (new image, new conversation), /reset (forget the conversation), /exit"
@@ -191,34 +192,23 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
 
 
 @config
-class ChatConfig:
-    model: Optional[str] = None
-    """Checkpoint: a training output or checkpoint-N folder (adapter or full), a merged/converted model, or a
-    llava-hf model folder or hub id."""
+class ChatConfig(LoadOptions):
     image: Optional[str] = None
     """Image to talk about (switch later with /image PATH)."""
     system: Optional[str] = None
     """System prompt (default: the template's own)."""
-    base_model: Optional[str] = None
-    """Base model for an adapter checkpoint whose recorded base cannot be found."""
     max_new_tokens: int = 512
     """Maximum tokens generated per answer."""
     temperature: float = 0.0
     """Sampling temperature; 0 means greedy decoding."""
     top_p: float = 1.0
     """Nucleus sampling threshold (with --temperature > 0)."""
-    template: Optional[str] = None
-    """Prompt template (default: the one the checkpoint was trained with, else the model's chat template)."""
-    dtype: str = "auto"
-    """Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), bfloat16, float16 or float32."""
-    device: str = "auto"
-    """Where to run: auto (the GPU when there is one), cpu, cuda or cuda:N."""
 
 
 def main(argv: list[str], prog: str, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     (cfg,) = parse_config([ChatConfig], argv, prog=prog, description=__doc__.split("\n\n")[0])
     if cfg.image:
         check_image(cfg.image)
-    predictor = load_predictor(cfg.model, cfg.base_model, cfg.dtype, cfg.template, device=cfg.device)
+    predictor = cfg.load_predictor()
     session = ChatSession(predictor, cfg.image, cfg.system, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     return run_chat(session, stdin, stdout)

@@ -61,6 +61,8 @@ from pathlib import Path
 from typing import Optional
 
 from llavatune.config import check_choice, config, parse_config
+from llavatune.data.reader import load_json
+from llavatune.data.templates import ChatTemplateName
 from llavatune.utils import UserError, atomic_write_json
 
 logger = logging.getLogger("llavatune")
@@ -74,8 +76,6 @@ LLAMA_KEYS = (
     "pretraining_tp", "tie_word_embeddings", "attention_bias", "attention_dropout",
     "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id",
 )  # fmt: skip
-CHAT_TEMPLATES = ("vicuna_v1", "v1", "llava_v1", "llava_llama_2", "mistral_instruct", "chatml_direct", "mistral_direct",
-                  "chatml")
 WEIGHT_FILES_SKIPPED = ("non_lora_trainables.bin", "mm_projector.bin", "training_args.bin", "optimizer.pt",
                         "scheduler.pt", "rng_state.pth")
 
@@ -217,7 +217,7 @@ def merge_original_lora(state: dict, folder: Path, report: ConversionReport) -> 
     """Add the original repo's LoRA deltas (PEFT format, keys ``base_model.model.<module>.lora_A/B.weight``)
     to the base LLM weights in ``state``, in float32."""
     cfg_path = folder / "adapter_config.json"
-    acfg = json.loads(cfg_path.read_text())
+    acfg = load_json(cfg_path)
     if acfg.get("peft_type", "LORA") != "LORA" or acfg.get("use_dora"):
         raise UserError(f"{cfg_path}: only plain LoRA adapters can be converted (found "
                         f"{'DoRA' if acfg.get('use_dora') else acfg.get('peft_type')})")
@@ -292,7 +292,7 @@ class ConvertConfig:
     dtype: str = "auto"
     """Dtype of the converted weights: auto (each tensor as its source holds it: the LLM as saved, CLIP as its
     checkpoint holds it, float32 for OpenAI's), float16, bfloat16 or float32 (everything)."""
-    template: str = "vicuna_v1"
+    template: ChatTemplateName = "vicuna_v1"
     """Conversation template the model was trained with (LLaVA-1.5: vicuna_v1; LLaVA-Llama-2: llava_llama_2); the
     saved chat template renders it and llavatune predict/chat/eval use it."""
     overwrite: bool = False
@@ -300,14 +300,13 @@ class ConvertConfig:
 
     def __post_init__(self):
         check_choice("dtype", self.dtype, ["auto", "float16", "bfloat16", "float32"])
-        check_choice("template", self.template, list(CHAT_TEMPLATES))
 
 
 def _read_original_config(folder: Path) -> dict:
     p = folder / "config.json"
     if not p.is_file():
         raise UserError(f"{folder}: no config.json; an original LLaVA checkpoint folder holds config.json with mm_* fields")
-    cfg = json.loads(p.read_text())
+    cfg = load_json(p)
     archs = cfg.get("architectures") or []
     if "mm_vision_tower" not in cfg and "mm_projector_type" not in cfg:
         raise UserError(f"{p}: no mm_vision_tower / mm_projector_type fields; not an original LLaVA checkpoint "
@@ -382,7 +381,7 @@ def sentencepiece_tokenizer(folder: Path):
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
     cfg_path = folder / "tokenizer_config.json"
-    tcfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    tcfg = load_json(cfg_path) if cfg_path.is_file() else {}
     try:
         native = TokenizersBackend.convert_to_native_format(vocab_file=str(path), legacy=True)
         backend = native["tokenizer_object"]
@@ -458,34 +457,12 @@ def _warn_if_vision_differs(ckpt: dict, tower: dict, ref: str) -> None:
                        f"{ref} (a fine-tuned vision tower?); using --vision_tower as asked")
 
 
-def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
-    import torch
-    from transformers import (
-        AddedToken,
-        GenerationConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaImageProcessor,
-        LlavaProcessor,
-    )
-
-    from llavatune.data.records import IMAGE_TOKEN
-    from llavatune.data.templates import canonical, chat_template
-    from llavatune.infer.merge import check_out_dir, save_model
-
-    if not cfg.from_original or not cfg.out:
-        raise UserError("--from-original and --out are required")
-    check_out_dir(cfg.out, cfg.overwrite, cfg.from_original)
-    src = _local_dir(cfg.from_original, "--from-original", ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"])
-    ocfg = _read_original_config(src)
-    report = ConversionReport()
-    is_lora = (src / "adapter_config.json").is_file()
-
-    # 1. Original-layout state dict (LoRA: base LLM + merged deltas + non-LoRA trainables)
+def _original_state(cfg: ConvertConfig, src: Path, report: ConversionReport) -> tuple[dict, list[Path]]:
+    """Step 1: the original-layout state dict (for a LoRA output: the base LLM + the merged deltas + the non-LoRA
+    trainables) and the folders to look for the tokenizer in."""
     tok_dirs = [src]
-    if is_lora:
-        base_ref = cfg.base_model or json.loads((src / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if (src / "adapter_config.json").is_file():
+        base_ref = cfg.base_model or load_json(src / "adapter_config.json").get("base_model_name_or_path")
         if not base_ref:
             raise UserError(f"{src}: the adapter does not record its base model; pass --base_model")
         try:
@@ -496,8 +473,7 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
         if not state:
             raise UserError(f"--base_model: no *.safetensors or pytorch_model*.bin weights in {base_dir}")
         merge_original_lora(state, src, report)
-        extra = non_lora_trainables(src)
-        state.update(extra)
+        state.update(non_lora_trainables(src))
         tok_dirs.append(base_dir)
     else:
         state = read_weights(src)
@@ -507,14 +483,24 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
         raise UserError(f"{src}: no model.mm_projector weights; for a LoRA output non_lora_trainables.bin must hold them")
     if "model.image_newline" in state:
         raise UserError(f"{src}: holds model.image_newline, a LLaVA-NeXT (1.6) checkpoint; not supported")
+    return state, tok_dirs
 
-    # 2. Vision tower, tokenizer, config
-    # dtype of the language model and projector: as saved (--dtype auto), before any vision tensor is swapped in
-    if cfg.dtype == "auto":
-        floats = [v.dtype for k, v in state.items() if v.is_floating_point() and not k.startswith("model.vision_tower.")]
-        dtype = max(set(floats), key=floats.count) if floats else torch.float32
-    else:
-        dtype = getattr(torch, cfg.dtype)
+
+def _target_dtype(cfg: ConvertConfig, state: dict):
+    """The dtype of the language model and projector: as saved (``--dtype auto``: the most common floating dtype
+    outside the vision tower, read before any vision tensor is swapped in), else ``--dtype``."""
+    import torch
+
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    floats = [v.dtype for k, v in state.items() if v.is_floating_point() and not k.startswith("model.vision_tower.")]
+    return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def _vision_tower(cfg: ConvertConfig, ocfg: dict, state: dict, src: Path, report: ConversionReport):
+    """Step 2a: the vision tower's config, image processor and (when they replace or stand in for the checkpoint's
+    copies) weights. ``--vision_tower`` weights replace the checkpoint's (often float16) copies of the frozen
+    tower, which are removed from ``state``."""
     vision_in_ckpt = sorted(k for k in state if k.startswith("model.vision_tower."))
     vt_ref = cfg.vision_tower or ocfg.get("mm_vision_tower")
     if not vt_ref:
@@ -524,44 +510,60 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
         raise UserError(f"mm_hidden_size {ocfg['mm_hidden_size']} differs from the vision tower's hidden size "
                         f"{vcfg.hidden_size}; pass the right --vision_tower")
     if vision_weights is not None and vision_in_ckpt:
-        # --vision_tower given: its weights, not the checkpoint's (often float16) copies of the frozen tower
         replaced = {k: state.pop(k) for k in vision_in_ckpt}
         report.replaced = vision_in_ckpt
         _warn_if_vision_differs(replaced, vision_weights, cfg.vision_tower)
+    return vt_ref, vcfg, clip_ip, vision_weights
+
+
+def _tokenizer(tok_dirs: list[Path]):
+    """Step 2b: the original SentencePiece tokenizer with ``<image>`` (and a pad token when it has none) added."""
+    from transformers import AddedToken
+
+    from llavatune.data.records import IMAGE_TOKEN
+
     tokenizer = load_original_tokenizer(tok_dirs)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens(AddedToken(IMAGE_TOKEN, special=True, normalized=False), special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+def _llava_config(ocfg: dict, vcfg, tokenizer, vocab: int):
+    """Step 2c: the llava-hf config from the original's ``config.json`` (``mm_*`` fields) and the vision config."""
+    from transformers import LlamaConfig, LlavaConfig
+
+    from llavatune.data.records import IMAGE_TOKEN
 
     text_kwargs = {k: ocfg[k] for k in LLAMA_KEYS if ocfg.get(k) is not None}
-    n_rows = state["model.embed_tokens.weight"].shape[0]
-    vocab = max(n_rows, len(tokenizer))
     text_kwargs.update(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id)
     rope = dict(ocfg.get("rope_scaling") or {})
     rope["rope_type"] = rope.pop("type", None) or rope.get("rope_type") or "default"
     rope["rope_theta"] = float(ocfg.get("rope_theta") or 10000.0)
     text_kwargs["rope_parameters"] = rope
-    text_config = LlamaConfig(**text_kwargs)
     linear = ocfg.get("mm_projector_type", "linear") == "linear"
     strategy = "full" if ocfg.get("mm_vision_select_feature", "patch") == "cls_patch" else "default"
     n_patches = (vcfg.image_size // vcfg.patch_size) ** 2
-    clip_like = "clip" in vcfg.model_type
-    lcfg = LlavaConfig(
+    return LlavaConfig(
         vision_config=vcfg,
-        text_config=text_config,
+        text_config=LlamaConfig(**text_kwargs),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=n_patches + (1 if strategy == "full" and clip_like else 0),
+        image_seq_length=n_patches + (1 if strategy == "full" and "clip" in vcfg.model_type else 0),
         vision_feature_layer=int(ocfg.get("mm_vision_select_layer", -2)),
         vision_feature_select_strategy=strategy,
         projector_hidden_act="linear" if linear else "gelu",
         tie_word_embeddings=bool(ocfg.get("tie_word_embeddings", False)),
     )
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(lcfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
-    # 3. Map, fill what the original does not hold, check shapes, nothing missing
+
+def _hf_state(state: dict, expected: dict[str, tuple], lcfg, vt_ref: str, vision_weights: dict | None,
+              n_rows: int, vocab: int, report: ConversionReport) -> dict:
+    """Step 3: the llava-hf state dict: mapped, with what the original does not hold filled in (new embedding rows,
+    vision weights, the identity second layer of a linear projector, a tied lm_head), every shape checked and
+    nothing missing."""
+    import torch
+
     if n_rows < vocab:
         report.resized["model.embed_tokens.weight"] = (n_rows, vocab)
         for k in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -576,7 +578,7 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
             hf[key] = v
             report.synthesized[key] = f"vision tower {vt_ref}"
     proj2 = "model.multi_modal_projector.linear_2"
-    if linear:
+    if lcfg.projector_hidden_act == "linear":
         hidden = lcfg.text_config.hidden_size
         hf[f"{proj2}.weight"] = torch.eye(hidden)
         hf[f"{proj2}.bias"] = torch.zeros(hidden)
@@ -593,33 +595,32 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
             src_key = next((o for o, t in report.mapped.items() if t == k), k)
             raise UserError(f"{src_key}: shape {tuple(hf[k].shape)} does not fit {k} {shape} (check mm_vision_tower, "
                             "mm_projector_type and the config)")
-    # --dtype auto: the vision tower keeps its source's dtype (the original runs OpenAI's CLIP in float32)
-    keep = cfg.dtype == "auto"
-    hf = {k: (v.to(dtype) if v.is_floating_point() and not (keep and k.startswith("model.vision_tower.")) else v)
-          .contiguous() for k, v in hf.items()}
-    model.load_state_dict(hf, strict=True, assign=True)
-    lcfg.dtype = dtype
-    model.config.dtype = dtype
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    return hf
 
-    # 4. Processor: the vision tower's image processor, padded to square when the original padded
+
+def _processor(ocfg: dict, vcfg, clip_ip, tokenizer, strategy: str, template: str):
+    """Step 4: the vision tower's image processor (padded to square when the original padded) and the tokenizer,
+    with the template's chat template."""
+    from transformers import LlavaImageProcessor, LlavaProcessor
+
+    from llavatune.data.templates import chat_template
+
     ip_kwargs = {k: v for k, v in clip_ip.to_dict().items()
                  if k in ("size", "crop_size", "image_mean", "image_std", "resample", "do_resize", "do_center_crop",
                           "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")}
-    image_processor = LlavaImageProcessor(**ip_kwargs, do_pad=ocfg.get("image_aspect_ratio") == "pad")
-    processor = LlavaProcessor(
-        image_processor=image_processor,
+    return LlavaProcessor(
+        image_processor=LlavaImageProcessor(**ip_kwargs, do_pad=ocfg.get("image_aspect_ratio") == "pad"),
         tokenizer=tokenizer,
         patch_size=vcfg.patch_size,
         vision_feature_select_strategy=strategy,
-        num_additional_image_tokens=1 if clip_like else 0,
-        chat_template=chat_template(cfg.template),
+        num_additional_image_tokens=1 if "clip" in vcfg.model_type else 0,
+        chat_template=chat_template(template),
     )
-    meta = {"method": "converted", "converted_from": str(cfg.from_original), "template": canonical(cfg.template),
-            "max_length": int(ocfg.get("max_position_embeddings") or 4096)}
-    out = save_model(cfg.out, model, processor, meta, config={"convert": cfg})
-    if keep and vision_dtypes(hf) - {dtype}:
+
+
+def _finish_saved_files(out: Path, tokenizer, hf: dict, dtype, keep_vision_dtype: bool) -> None:
+    """What ``save_pretrained`` writes differently from what stock transformers should read back."""
+    if keep_vision_dtype and vision_dtypes(hf) - {dtype}:
         # save_pretrained records the first parameter's dtype (the vision tower's); stock from_pretrained(dtype="auto")
         # should load the language model as saved (a 7B in float16, not float32)
         saved = json.loads((out / "config.json").read_text())
@@ -632,6 +633,51 @@ def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
         if saved.get("tokenizer_class") == "TokenizersBackend":
             saved["tokenizer_class"] = "PreTrainedTokenizerFast"
             atomic_write_json(tok_cfg, saved)
+
+
+def convert(cfg: ConvertConfig) -> tuple[Path, ConversionReport]:
+    """Convert ``cfg.from_original`` into a llava-hf model in ``cfg.out``: read the original state dict (1), the
+    vision tower, tokenizer and config (2), map and check every tensor (3), build the processor (4), save."""
+    import torch
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+
+    from llavatune.data.templates import canonical
+    from llavatune.infer.merge import check_out_dir, save_model
+
+    if not cfg.from_original or not cfg.out:
+        raise UserError("--from-original and --out are required")
+    check_out_dir(cfg.out, cfg.overwrite, cfg.from_original)
+    src = _local_dir(cfg.from_original, "--from-original", ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"])
+    ocfg = _read_original_config(src)
+    report = ConversionReport()
+
+    state, tok_dirs = _original_state(cfg, src, report)
+    dtype = _target_dtype(cfg, state)
+    vt_ref, vcfg, clip_ip, vision_weights = _vision_tower(cfg, ocfg, state, src, report)
+    tokenizer = _tokenizer(tok_dirs)
+    n_rows = state["model.embed_tokens.weight"].shape[0]
+    vocab = max(n_rows, len(tokenizer))
+    lcfg = _llava_config(ocfg, vcfg, tokenizer, vocab)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(lcfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    hf = _hf_state(state, expected, lcfg, vt_ref, vision_weights, n_rows, vocab, report)
+    # --dtype auto: the vision tower keeps its source's dtype (the original runs OpenAI's CLIP in float32)
+    keep = cfg.dtype == "auto"
+    hf = {k: (v.to(dtype) if v.is_floating_point() and not (keep and k.startswith("model.vision_tower.")) else v)
+          .contiguous() for k, v in hf.items()}
+    model.load_state_dict(hf, strict=True, assign=True)
+    lcfg.dtype = dtype
+    model.config.dtype = dtype
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+
+    processor = _processor(ocfg, vcfg, clip_ip, tokenizer, lcfg.vision_feature_select_strategy, cfg.template)
+    meta = {"method": "converted", "converted_from": str(cfg.from_original), "template": canonical(cfg.template),
+            "max_length": int(ocfg.get("max_position_embeddings") or 4096)}
+    out = save_model(cfg.out, model, processor, meta, config={"convert": cfg})
+    _finish_saved_files(out, tokenizer, hf, dtype, keep)
     logger.info(f"converted {cfg.from_original}: {report.summary()}")
     return out, report
 

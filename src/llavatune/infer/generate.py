@@ -29,7 +29,7 @@ import torch
 
 from llavatune.data.encode import Encoder, image_size
 from llavatune.data.images import open_image
-from llavatune.data.records import Record, Turn
+from llavatune.data.records import Turn
 from llavatune.model.families import FAMILIES
 
 logger = logging.getLogger("llavatune")
@@ -49,14 +49,6 @@ class Query:
     turns: list[Turn]
     images: list[Path]
     ref: str = ""
-
-
-def split_for_eval(rec: Record) -> tuple[list[Turn], str | None]:
-    """Prompt turns (everything before the last answer) and that answer (the reference), for a record."""
-    last = max((i for i, t in enumerate(rec.conversations) if t.role == "gpt"), default=None)
-    if last is None:
-        return list(rec.conversations), None
-    return list(rec.conversations[:last]), rec.conversations[last].value
 
 
 def parse_stop(text: str | None) -> tuple[str, ...]:

@@ -23,11 +23,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from llavatune.config import CONFIG_FILE, config, parse_config, save_resolved
+from llavatune.config import config, parse_config, save_resolved
+from llavatune.files import CONFIG_FILE, META_FILE
+from llavatune.infer.options import LoadOptions
 from llavatune.utils import UserError, atomic_write_json, check_output_dir, write_output_marker
 
 logger = logging.getLogger("llavatune")
-QUANTIZED_LAYERS = ("Linear4bit", "Linear8bitLt", "Params4bit", "Int8Params")
 
 
 def check_out_dir(out: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
@@ -76,8 +77,6 @@ def write_atomically(out: str | os.PathLike, write: Callable[[Path], None]) -> P
 def save_model(out: str | os.PathLike, model, processor, meta: dict, config: dict | None = None) -> Path:
     """Write ``model``, ``processor``, the llavatune metadata file and the resolved command configuration
     (``config``: ``{section: dataclass}``, as ``llavatune_config.yaml``) into ``out`` (via :func:`write_atomically`)."""
-    from llavatune.model.loader import META_FILE
-
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -91,11 +90,10 @@ def save_model(out: str | os.PathLike, model, processor, meta: dict, config: dic
 
 def _base_dtype(ckpt: Path, base_model: str | None) -> str:
     """The dtype the adapter's base model was saved in (so a 7B fp16 base merges into fp16), else 'auto'."""
-    from llavatune.model.loader import _resolve_base, read_meta
+    from llavatune.model.loader import adapter_base
 
     try:
-        adapter_cfg = json.loads((ckpt / "adapter_config.json").read_text())
-        base = base_model or _resolve_base(ckpt, read_meta(ckpt), adapter_cfg)
+        base = adapter_base(ckpt, base_model)
         cfg = json.loads((Path(base) / "config.json").read_text())
     except (OSError, ValueError, UserError):
         return "auto"
@@ -104,25 +102,18 @@ def _base_dtype(ckpt: Path, base_model: str | None) -> str:
 
 
 def _check_unquantized(model) -> None:
-    found = {type(m).__name__ for m in model.modules()} | {type(p).__name__ for p in model.parameters()}
-    bad = sorted(found & set(QUANTIZED_LAYERS))
+    from llavatune.model.bnb import quantized_parts
+
+    bad = quantized_parts(model)
     if bad or getattr(model.config, "quantization_config", None):
         raise RuntimeError(f"merge: the base model was loaded quantized ({', '.join(bad) or 'quantization_config'}); "
                            "refusing to write a requantized merge")
 
 
 @config
-class MergeConfig:
-    model: Optional[str] = None
-    """Checkpoint to merge: a training output or checkpoint-N folder holding a LoRA or QLoRA adapter (a full-weights
-    checkpoint is re-exported as is)."""
+class MergeConfig(LoadOptions):
     out: Optional[str] = None
     """Folder for the standalone llava-hf model (must not exist unless --overwrite)."""
-    base_model: Optional[str] = None
-    """Base model for an adapter whose recorded base cannot be found."""
-    dtype: str = "auto"
-    """Dtype of the merged weights: auto (the base model's saved dtype, e.g. float16 for llava-hf 7B), bfloat16,
-    float16 or float32. QLoRA bases are always reloaded unquantized in this dtype."""
     overwrite: bool = False
     """Replace an existing --out folder."""
 
@@ -137,9 +128,16 @@ def merge(cfg: MergeConfig) -> Path:
     dtype = cfg.dtype
     if dtype == "auto" and (src / "adapter_config.json").is_file():
         dtype = _base_dtype(src, cfg.base_model)
+    device_map = None  # --device auto / cpu: the merge runs on the CPU (a GPU only when asked: it must hold the model)
+    if cfg.device not in ("auto", "cpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {cfg.device}: no CUDA GPU is available here; use --device cpu")
+        device_map = {"": cfg.device}
     # merge=True: QLoRA adapters get their base loaded unquantized, then PEFT's merge_and_unload.
     model, processor, info = load_checkpoint(cfg.model, dtype=dtype, base_model=cfg.base_model, merge=True,
-                                             quantized=False)
+                                             quantized=False, device_map=device_map)
     _check_unquantized(model)
     if info.get("kind") != "adapter":
         logger.info(f"{cfg.model} holds full weights: nothing to merge, re-exporting it")
@@ -148,13 +146,15 @@ def merge(cfg: MergeConfig) -> Path:
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(gen, name, None) is None and getattr(tok, name, None) is not None:
             setattr(gen, name, getattr(tok, name))
-    template = info.get("template", "auto")
+    template = cfg.template or info.get("template", "auto")
     if template not in ("auto", None):
         logger.warning(f"the checkpoint was trained with --template {template}; stock transformers' "
                        "apply_chat_template renders the model's own chat template, which may differ. "
                        "llavatune predict/chat/eval keep using the training template (recorded in the output)")
     # info holds the checkpoint's llavatune metadata (read by load_checkpoint) for a local folder, none for a hub id
     meta = {k: v for k, v in info.items() if k in ("stage", "template", "max_length")}
+    if cfg.template:
+        meta["template"] = cfg.template
     meta.update({"method": "merged", "merged_from": str(src.resolve()) if src.exists() else str(src),
                  "source_method": info.get("method", info.get("kind"))})
     save_model(out, model, processor, meta, config={"merge": cfg})

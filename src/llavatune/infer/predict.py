@@ -24,6 +24,7 @@ from typing import Any, Optional
 from llavatune.config import config, parse_config
 from llavatune.data.images import ImageError, open_image
 from llavatune.data.records import IMAGE_TOKEN, MAX_BAD_RECORDS, Turn, image_root, validate_data
+from llavatune.infer.options import LoadOptions
 from llavatune.utils import UserError, atomic_write_jsonl, check_output_file, resolve_under
 
 logger = logging.getLogger("llavatune")
@@ -57,6 +58,7 @@ def load_predictor(model: str, base_model: str | None = None, dtype: str = "auto
     import torch
 
     from llavatune.data.encode import Encoder
+    from llavatune.model.bnb import is_quantized
     from llavatune.model.loader import load_checkpoint
 
     if not model:
@@ -65,9 +67,7 @@ def load_predictor(model: str, base_model: str | None = None, dtype: str = "auto
         raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
     m, processor, info = load_checkpoint(model, dtype=dtype, base_model=base_model, quantized=quantized)
     target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    quantized_model = getattr(m, "is_loaded_in_4bit", False) or getattr(m, "is_loaded_in_8bit", False) or any(
-        type(x).__name__ in ("Linear4bit", "Linear8bitLt") for x in m.modules())
-    if not quantized_model:
+    if not is_quantized(m):
         m = m.to(target)
     if getattr(processor, "image_processor", None) is None:
         raise UserError(f"{model}: no image processor found (processor_config.json / preprocessor_config.json); "
@@ -147,10 +147,7 @@ def read_batch(path: str | Path, image_folder: str | Path | None = None,
 
 
 @config
-class PredictConfig:
-    model: Optional[str] = None
-    """Checkpoint: a training output or checkpoint-N folder (adapter or full), a merged/converted model, or a
-    llava-hf model folder or hub id."""
+class PredictConfig(LoadOptions):
     image: Optional[str] = None
     """Image file to ask about (single mode)."""
     question: Optional[str] = None
@@ -164,8 +161,6 @@ class PredictConfig:
     json: bool = False
     """Single mode: print {"image", "question", "answer", "prompt"} as JSON instead of the bare answer ("prompt": the
     rendered generation prompt, as given to the tokenizer: no BOS, <image> unexpanded)."""
-    base_model: Optional[str] = None
-    """Base model for an adapter checkpoint whose recorded base cannot be found."""
     batch_size: int = 8
     """Generation batch size in batch mode (left-padded, KV cache)."""
     share_image_prefix: bool = True
@@ -176,12 +171,6 @@ class PredictConfig:
     """Maximum tokens generated per answer."""
     stop: Optional[str] = None
     """Comma-separated stop strings: the answer is cut at the first one."""
-    template: Optional[str] = None
-    """Prompt template (default: the one the checkpoint was trained with, else the model's chat template)."""
-    dtype: str = "auto"
-    """Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), bfloat16, float16 or float32."""
-    device: str = "auto"
-    """Where to run: auto (the GPU when there is one), cpu, cuda or cuda:N."""
     overwrite: bool = False
     """Replace an existing --out file."""
     max_bad_records: float = MAX_BAD_RECORDS
@@ -213,7 +202,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
         rows, queries, skipped = read_batch(cfg.input, cfg.image_folder, cfg.max_bad_records)
         if cfg.out:
             check_output_file(cfg.out, {"an image of --input": [q for qs in queries for q in qs.images]}, "--out")
-    predictor = load_predictor(cfg.model, cfg.base_model, cfg.dtype, cfg.template, device=cfg.device)
+    predictor = cfg.load_predictor()
     if single:
         answers = predictor.answer(queries, 1, cfg.max_new_tokens, stop)
     else:

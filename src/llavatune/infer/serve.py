@@ -31,10 +31,11 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from llavatune.config import config, parse_config
-from llavatune.infer.predict import Predictor, check_image, load_predictor, question_turns
+from llavatune.infer.options import LoadOptions
+from llavatune.infer.predict import Predictor, check_image, question_turns
 from llavatune.utils import UserError
 
 logger = logging.getLogger("llavatune")
@@ -293,32 +294,21 @@ def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 7860,
 
 
 @config
-class ServeConfig:
-    model: Optional[str] = None
-    """Checkpoint: a training output or checkpoint-N folder (adapter or full), a merged/converted model, or a
-    llava-hf model folder or hub id."""
+class ServeConfig(LoadOptions):
     host: str = "127.0.0.1"
     """Address to listen on. The default accepts connections from this machine only; 0.0.0.0 exposes the
     (unauthenticated) page to the network."""
     port: int = 7860
     """Port to listen on (0: any free port)."""
-    base_model: Optional[str] = None
-    """Base model for an adapter checkpoint whose recorded base cannot be found."""
     max_new_tokens: int = 256
     """Default maximum tokens per answer (a request may ask for fewer or more, up to 4096)."""
-    template: Optional[str] = None
-    """Prompt template (default: the one the checkpoint was trained with, else the model's chat template)."""
-    dtype: str = "auto"
-    """Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), bfloat16, float16 or float32."""
-    device: str = "auto"
-    """Where to run: auto (the GPU when there is one), cpu, cuda or cuda:N."""
 
 
 def main(argv: list[str], prog: str) -> int:
     (cfg,) = parse_config([ServeConfig], argv, prog=prog, description=__doc__.split("\n\n")[0])
     if not cfg.model:
         raise UserError("--model is required")
-    predictor = load_predictor(cfg.model, cfg.base_model, cfg.dtype, cfg.template, device=cfg.device)
+    predictor = cfg.load_predictor()
     server = make_server(predictor, cfg.host, cfg.port, cfg.max_new_tokens, str(cfg.model))
     if cfg.host not in LOOPBACK:
         logger.warning(f"listening on {cfg.host}: anyone who can reach this machine can use the model")

@@ -21,16 +21,18 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
+from llavatune.data.reader import load_json
+from llavatune.files import META_FILE
+from llavatune.model.bnb import is_4bit_param, is_quantized_layer
 from llavatune.model.families import FAMILIES, Family, check_folder, require
 from llavatune.model.refs import _first_line, is_hub_id, looks_local, resolve_model
 from llavatune.utils import UserError
 
 logger = logging.getLogger("llavatune")
-META_FILE = "llavatune_checkpoint.json"
 PROJECTOR = "multi_modal_projector"  # LLaVA's names (benchmarks and older code); families.py has every family's
 VISION = "vision_tower"
 
@@ -274,9 +276,7 @@ def vision_linear_names(model, fam: Family) -> list[str]:
 
 
 def _is_linear(mod) -> bool:
-    if isinstance(mod, torch.nn.Linear):
-        return True
-    return type(mod).__name__ in ("Linear4bit", "Linear8bitLt")
+    return isinstance(mod, torch.nn.Linear) or is_quantized_layer(mod)
 
 
 def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpointing: bool = False,
@@ -386,7 +386,7 @@ def parameter_summary(model: torch.nn.Module) -> str:
     labels = {"lora": "lora", "projector": fam.projector[0], "vision": fam.vision[0], "llm": "llm"}
     groups: dict[str, list[int]] = {}
     for name, p in model.named_parameters():
-        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+        n = p.numel() * (2 if is_4bit_param(p) else 1)
         g = groups.setdefault(labels[fam.parameter_group(name)], [0, 0])
         g[0] += n
         if p.requires_grad:
@@ -415,7 +415,21 @@ def write_meta(ckpt_dir: str | os.PathLike, meta: dict) -> None:
 
 def read_meta(ckpt_dir: str | os.PathLike) -> dict:
     p = Path(ckpt_dir) / META_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
+    return load_json(p) if p.is_file() else {}
+
+
+def adapter_base(ckpt: str | os.PathLike, base_model: str | None = None) -> str:
+    """The base model an adapter checkpoint loads onto: ``base_model`` (``--base_model``) when given, else the one
+    it recorded (``llavatune_checkpoint.json``, then PEFT's ``adapter_config.json``); a one-line ``UserError`` when
+    none of them can be found."""
+    if base_model:
+        return base_model
+    ckpt = Path(ckpt)
+    try:
+        adapter_cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        adapter_cfg = {}
+    return _resolve_base(ckpt, read_meta(ckpt), adapter_cfg)
 
 
 def _resolve_base(ckpt: Path, meta: dict, adapter_cfg: dict) -> str:
@@ -442,8 +456,10 @@ def load_checkpoint(
     merge: bool = False,
     quantized: bool | None = None,
     trust_remote_code: bool = False,
+    device_map: Any = None,
 ):
-    """Load any checkpoint kind for inference. Returns ``(model, processor, info)``.
+    """Load any checkpoint kind for inference. Returns ``(model, processor, info)``; ``device_map``: where the weights
+    are loaded (default: the CPU; a QLoRA base goes where bitsandbytes puts it).
 
     ``info`` = {"kind": "adapter" | "full", "base_model": ..., "method": ...}.
     """
@@ -451,7 +467,8 @@ def load_checkpoint(
 
     ref = resolve_model(str(path), "--model")
     if not looks_local(str(path)):
-        model, processor = load_base(ref, resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+        model, processor = load_base(ref, resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+                                     device_map=device_map)
         return model.eval(), processor, {"kind": "full", "base_model": ref}
     p = Path(ref)
     if not p.is_dir():
@@ -462,7 +479,7 @@ def load_checkpoint(
     if adapter_cfg_path.is_file():
         from peft import PeftModel
 
-        adapter_cfg = json.loads(adapter_cfg_path.read_text())
+        adapter_cfg = load_json(adapter_cfg_path)
         base = base_model or _resolve_base(p, meta, adapter_cfg)
         base_what = "--base_model" if base_model else f"{p}: its base model (--base_model overrides it)"
         want_q = meta.get("method") == "qlora" if quantized is None else quantized
@@ -474,7 +491,7 @@ def load_checkpoint(
             quant = quantization_kwargs(q.get("bits", 4), q.get("quant_type", "nf4"), q.get("double_quant", True),
                                         torch_dtype, fam)
         model, processor = load_base(base, torch_dtype, quantization=quant, trust_remote_code=trust_remote_code,
-                                     what=base_what)
+                                     what=base_what, device_map=device_map)
         if (p / "tokenizer_config.json").is_file() or (p / "processor_config.json").is_file():
             processor = AutoProcessor.from_pretrained(p, trust_remote_code=trust_remote_code)
         if not any(p.glob("adapter_model.*")):
@@ -494,9 +511,6 @@ def load_checkpoint(
     if missing:
         raise UserError(f"{p}: missing {', '.join(missing)}; copy them from the model it was trained from, or "
                         "re-export it with 'llavatune merge'")
-    model, processor = load_base(str(p), resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+    model, processor = load_base(str(p), resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+                                 device_map=device_map)
     return model.eval(), processor, {"kind": "full", "base_model": str(p), **meta}
-
-
-def collect_texts(records: Iterable) -> list[str]:
-    return [t.value for r in records for t in r.conversations]

@@ -1,24 +1,31 @@
 """``llavatune plan``: will this training run fit? Peak GPU memory per device, from the model config alone.
 
+    llavatune plan configs/llava15_7b_okvqa_qlora.yaml --gpu-mem 24        # a training recipe, as train reads it
     llavatune plan --model llava-hf/llava-1.5-7b-hf --method qlora --batch 16 --max-length 2048
-    llavatune plan --model llava-hf/llava-1.5-13b-hf --method full --zero 3 --gpus 8 --gradient-checkpointing
+    llavatune plan --model llava-hf/llava-1.5-13b-hf --method full --zero zero3 --gpus 8 --gradient-checkpointing
     llavatune plan --model RUN_DIR/base_model --method lora --gpu-mem 24
 
-Reads only the config (a local directory's config.json, a run's base_config.json, or config.json from the
-hub), never weights. Prints the breakdown (weights, optimizer states, gradients, activations, logits,
-overheads), whether the peak fits ``--gpu-mem``, and what to change, each suggestion re-estimated. The
-formulas and their validation against measured training steps are in docs/memory.md.
+Reads only the config, never weights: the shipped shapes of the models the recipes and docs name and of each
+family's common sizes (offline), a local directory's config.json, a run's base_config.json, or config.json from
+the hub. Given a training recipe (the YAML ``llavatune train`` reads), it takes the options that decide memory
+(model, method, stage, zero, per_device_train_batch_size, max_length, gradient_checkpointing, bf16/fp16, LoRA rank
+and dropout, ...) under train's names and lists the ones it ignores. Prints the breakdown (weights, optimizer
+states, gradients, activations, logits, overheads), whether the peak fits ``--gpu-mem``, and what to change, each
+suggestion re-estimated. The formulas and their validation against measured training steps are in docs/memory.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Literal, Optional, Sequence
+import logging
+from typing import Any, Literal, Optional, Sequence
 
-from llavatune.config import ConfigError, check_choice, config, parse_config
+from llavatune.config import ConfigError, config, parse_config
 from llavatune.plan.estimate import Estimate, GiB, Settings, estimate, fmt_count
 from llavatune.plan.spec import ModelSpec, load_spec
+
+logger = logging.getLogger("llavatune")
 
 __all__ = ["PlanArgs", "Settings", "Estimate", "ModelSpec", "estimate", "load_spec", "plan", "suggestions", "main"]
 
@@ -26,14 +33,27 @@ __all__ = ["PlanArgs", "Settings", "Estimate", "ModelSpec", "estimate", "load_sp
 @config
 class PlanArgs:
     model: str = "tiny"
-    """'tiny', a local llava-hf directory (or a run / checkpoint directory, or a config.json), or a hub id whose
-    config.json is fetched (never the weights)."""
+    """'tiny', a hub id (the models the recipes and docs name, and each family's common sizes, are known offline;
+    for others config.json is fetched, never the weights), a local model directory (or a run / checkpoint directory,
+    or a config.json), or 'compose' with --vision_model and --language_model, as in 'llavatune train'."""
+    vision_model: Optional[str] = None
+    """With --model compose: the vision encoder, as train's --vision_model."""
+    language_model: Optional[str] = None
+    """With --model compose: the causal LM, as train's --language_model."""
+    vision_feature_layer: int = -2
+    """With --model compose: the vision-tower layer that feeds the projector, as train's."""
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    """With --model compose: 'default' drops the CLS token, 'full' keeps it, as train's."""
+    stage: Literal["pretrain", "finetune"] = "finetune"
+    """As 'llavatune train --stage': 'pretrain' trains the projector only; 'finetune' trains with --method."""
     method: Literal["lora", "qlora", "full"] = "lora"
     """Training method, as in 'llavatune train --method'."""
-    zero: int = 0
-    """DeepSpeed ZeRO stage: 0 (no DeepSpeed), 1 (shard optimizer states), 2 (+ gradients), 3 (+ weights)."""
+    zero: Optional[str] = None
+    """DeepSpeed ZeRO, as 'llavatune train --zero': zero2 (optimizer states and gradients sharded over the GPUs), zero3
+    (+ weights), zero3_offload (+ optimizer states and weights in CPU memory), or a DeepSpeed JSON file (its
+    zero_optimization stage and offload settings). Default: no DeepSpeed."""
     batch: int = 16
-    """Micro-batch per GPU (--per_device_train_batch_size)."""
+    """Micro-batch per GPU ('llavatune train --per_device_train_batch_size'; a recipe's value is used)."""
     max_length: int = 2048
     """Tokens per sample, image tokens included (every sample is assumed padded to this length: the worst case)."""
     gpus: int = 1
@@ -46,16 +66,19 @@ class PlanArgs:
     """LoRA rank (adapters on every linear layer of the LLM)."""
     lora_dropout: float = 0.05
     """LoRA dropout (its masks are activations too)."""
-    offload: bool = False
-    """With --zero: offload optimizer states (and, with ZeRO-3, weights) to CPU memory."""
+    bnb_4bit_use_double_quant: bool = True
+    """QLoRA: quantize the 4-bit blocks' scales too, as 'llavatune train' does by default."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """Training precision (bf16/fp16: 16-bit weights and autocast)."""
+    """Training precision (bf16/fp16: 16-bit weights and autocast; a recipe's bf16 / fp16 set it)."""
     device: Literal["cuda", "cpu"] = "cuda"
     """'cuda' adds the CUDA context and allocator fragmentation; 'cpu' leaves them out (validation on CPU)."""
     padding_mask: bool = True
     """Batches contain padding, so attention gets a mask (materialized per layer by SDPA). Off: equal lengths."""
     images: int = 1
     """Images per sample."""
+    image_tokens: Optional[int] = None
+    """LLM positions one image takes (default: the model's, at its usual image size; families with dynamic
+    resolution or tiling say what they assumed)."""
     supervised_tokens: Optional[int] = None
     """Tokens per sample the loss is computed on (the answers and end-of-turn tokens; llavatune computes logits
     only there). Default: every text token, the worst case; a short-answer VQA sample has about 5."""
@@ -63,31 +86,93 @@ class PlanArgs:
     """Also write the estimate (and the suggestions) as JSON to this file ('-' for stdout only)."""
 
     def __post_init__(self):
-        check_choice("zero", self.zero, (0, 1, 2, 3))
+        from llavatune.zero import zero_settings
+
+        self.zero = self.zero or None
+        stage, _ = zero_settings(self.zero)
         if self.supervised_tokens is not None and self.supervised_tokens <= 0:
             raise ConfigError(f"--supervised-tokens: must be positive, got {self.supervised_tokens}")
-        for name in ("batch", "max_length", "gpus", "lora_r"):
+        for name in ("batch", "max_length", "gpus", "lora_r", "images"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
+        if self.image_tokens is not None and self.image_tokens <= 0:
+            raise ConfigError(f"--image-tokens: must be positive, got {self.image_tokens}")
         if self.gpu_mem <= 0:
             raise ConfigError(f"--gpu-mem: must be positive, got {self.gpu_mem}")
-        if self.offload and not self.zero:
-            raise ConfigError("--offload needs --zero 1, 2 or 3 (offloading is a DeepSpeed ZeRO feature)")
-        if self.method == "qlora" and self.zero == 3:
-            raise ConfigError("--method qlora with --zero 3: use --zero 2 (ZeRO-3 cannot shard bitsandbytes weights)")
+        if self.method == "qlora" and self.stage == "finetune" and stage == 3:
+            raise ConfigError("--method qlora with --zero zero3: use zero2 (ZeRO-3 cannot shard bitsandbytes weights)")
 
     def settings(self) -> Settings:
-        """The estimate's settings: every ``Settings`` field that has a flag here (``double_quant`` has none)."""
-        names = {f.name: _option(f.name) for f in dataclasses.fields(Settings)}
-        return Settings(**{k: getattr(self, opt) for k, opt in names.items() if hasattr(self, opt)})
+        """The estimate's settings: the model-independent options, ``--zero`` as its stage and offload."""
+        from llavatune.zero import zero_settings
+
+        stage, offload = zero_settings(self.zero)
+        method = "projector" if self.stage == "pretrain" else self.method
+        return Settings(method=method, zero=stage, offload=offload, batch=self.batch, max_length=self.max_length,
+                        gpus=self.gpus, gradient_checkpointing=self.gradient_checkpointing, lora_r=self.lora_r,
+                        lora_dropout=self.lora_dropout, dtype=self.dtype, device=self.device,
+                        padding_mask=self.padding_mask, images_per_sample=self.images,
+                        double_quant=self.bnb_4bit_use_double_quant, supervised_tokens=self.supervised_tokens)
+
+    def spec(self) -> ModelSpec:
+        spec = load_spec(self.model, vision_model=self.vision_model, language_model=self.language_model,
+                         vision_feature_layer=self.vision_feature_layer,
+                         vision_feature_select_strategy=self.vision_feature_select_strategy)
+        if self.image_tokens:
+            spec.image_tokens = self.image_tokens
+        return spec
 
 
-# Settings fields whose option has another name
-_OPTION_NAMES = {"images_per_sample": "images"}
+# How a training recipe's options map onto plan's (the rest of plan's options have train's names already), and
+# train options that decide memory in a way plan does not model, which it names in its note.
+RECIPE_OPTIONS = {"per_device_train_batch_size": "batch"}
+RECIPE_PRECISION = ("bf16", "fp16")
 
 
-def _option(field_name: str) -> str:
-    return _OPTION_NAMES.get(field_name, field_name)
+def recipe_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The plan options in a YAML file: its own, or those of a training recipe (``llavatune train``'s YAML) that
+    decide memory, under plan's names; the recipe's other options are ignored and listed (one log line). A key that
+    is neither a plan nor a train option is left in, for the usual unknown-option error."""
+    plan_fields = {f.name for f in dataclasses.fields(PlanArgs)}
+    if set(values) <= plan_fields:
+        return values
+    from llavatune.train import train_config as tc  # imports transformers: only for a training recipe
+
+    sections = (tc.ModelArgs, tc.DataArgs, tc.MethodArgs, tc.EvalArgs, tc.LlavaTrainingArguments)
+    train_fields = {f.name for dt in sections for f in dataclasses.fields(dt) if f.init}
+    out: dict[str, Any] = {}
+    used: list[str] = []
+    ignored: list[str] = []
+    precision = next((k for k in RECIPE_PRECISION if values.get(k)), None)
+    for key, value in values.items():
+        if key == "dtype":  # train's weights dtype; bf16 / fp16 (autocast) decide when given
+            mapped = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(value, value)
+            if mapped in ("bf16", "fp16", "fp32") and not precision:
+                out["dtype"] = mapped
+                used.append(key)
+            else:
+                ignored.append(key)
+        elif key in plan_fields and key in train_fields:
+            out[key] = value
+            used.append(key)
+        elif key in RECIPE_OPTIONS:
+            out[RECIPE_OPTIONS[key]] = value
+            used.append(f"{key} (--{RECIPE_OPTIONS[key]})")
+        elif key in RECIPE_PRECISION:
+            if key == precision:
+                out["dtype"] = key
+            used.append(key)
+        elif key == "bits" and value == 8:
+            ignored.append(key)
+            logger.warning("plan: bits 8 (8-bit QLoRA) is estimated as 4-bit NF4: the weights need about 1 byte "
+                           "instead of 0.52 per LLM linear weight")
+        elif key in train_fields:
+            ignored.append(key)
+        else:
+            out[key] = value  # not an option of either command: parse_config names it
+    logger.info(f"plan: reading a training recipe: uses {', '.join(used) or 'nothing'}; ignores (they do not change "
+                f"the memory estimate) {', '.join(ignored) or 'nothing'}")
+    return out
 
 
 def fmt_bytes(n: float) -> str:
@@ -104,18 +189,26 @@ class Suggestion:
 
 
 def _flags(s: Settings, base: Settings) -> str:
-    """The command-line change that turns ``base`` into ``s``."""
+    """The command-line change that turns ``base`` into ``s`` (in plan's options, as the user types them)."""
     out = []
+    if (s.zero, s.offload) != (base.zero, base.offload):
+        out.append(f"--zero {_zero_name(s.zero, s.offload)}")
+    options = {"images_per_sample": "images", "double_quant": "bnb_4bit_use_double_quant"}
     for f in dataclasses.fields(s):
         a, b = getattr(s, f.name), getattr(base, f.name)
-        if a == b:
+        if a == b or f.name in ("zero", "offload"):
             continue
-        flag = "--" + _option(f.name).replace("_", "-")
+        flag = "--" + options.get(f.name, f.name).replace("_", "-")
         if isinstance(a, bool):
             out.append(flag if a else "--no-" + flag[2:])
         else:
             out.append(f"{flag} {a}")
     return " ".join(out)
+
+
+def _zero_name(stage: int, offload: bool) -> str:
+    """The --zero name of a ZeRO stage (what suggestions propose: the shipped configs)."""
+    return {(2, False): "zero2", (3, False): "zero3", (3, True): "zero3_offload"}.get((stage, offload), f"stage{stage}")
 
 
 def _largest(spec: ModelSpec, s: Settings, limit: float, field: str, hi: int, lo_bound: int = 1) -> int | None:
@@ -168,9 +261,9 @@ def suggestions(spec: ModelSpec, s: Settings, gpu_mem_gib: float) -> list[Sugges
             n = _largest(spec, c, limit, "max_length", hi=s.max_length - 1, lo_bound=min_len)
             if n:
                 add(c.replace(max_length=n // 64 * 64 if n >= 128 else n))
-    for m in {"full": ["lora", "qlora"], "lora": ["qlora"], "qlora": []}[s.method]:
+    for m in {"full": ["lora", "qlora"], "lora": ["qlora"], "qlora": [], "projector": []}[s.method]:
         zero = 2 if (m == "qlora" and s.zero == 3) else s.zero
-        c = s.replace(method=m, zero=zero, offload=s.offload and zero > 0)
+        c = s.replace(method=m, zero=zero, offload=s.offload and zero == 3)
         add(c)
         if not s.gradient_checkpointing:  # QLoRA keeps fp32 activations: it pays off with checkpointing
             add(c.replace(gradient_checkpointing=True))
@@ -182,10 +275,10 @@ def suggestions(spec: ModelSpec, s: Settings, gpu_mem_gib: float) -> list[Sugges
     if s.gpus > 1:
         for z in (2, 3):
             if s.zero < z and not (z == 3 and s.method == "qlora"):
-                add(s.replace(zero=z))
-    if s.zero and not s.offload:
+                add(s.replace(zero=z, offload=False))
+    if s.zero == 3 and not s.offload:
         add(s.replace(offload=True))
-    if s.method != "qlora" and s.zero != 3:
+    if s.method not in ("qlora", "projector") and s.zero != 3:
         add(s.replace(zero=3, gpus=max(8, s.gpus)))
     # fitting ones first; within each group keep the order above (least given up first)
     useful = [o for o in out if o.estimate.peak < base.peak * 0.995]
@@ -196,12 +289,13 @@ def render(args: PlanArgs, spec: ModelSpec, est: Estimate, sugg: list[Suggestion
     s = est.settings
     c = est.params
     limit = args.gpu_mem * GiB
-    zero = f"ZeRO-{s.zero}{' + offload' if s.offload else ''} on {s.gpus} GPU(s)" if s.zero else "no DeepSpeed, 1 GPU"
+    zero = (f"ZeRO-{s.zero}{' + offload' if s.offload else ''} (--zero {args.zero}) on {s.gpus} GPU(s)" if s.zero
+            else "no DeepSpeed, 1 GPU")
     img = f"{spec.image_tokens} image tokens per image" if spec.image_tokens else "no vision tower"
     gc = "gradient checkpointing" if s.gradient_checkpointing else "no gradient checkpointing"
     lines = [
         f"model     {spec.name}",
-        f"run       {s.method}{f' r={s.lora_r}' if s.method != 'full' else ''}, {zero}, batch {s.batch} x "
+        f"run       {_method_text(s)}, {zero}, batch {s.batch} x "
         f"{s.max_length} tokens ({img}), {s.dtype}, {gc}",
         f"params    {fmt_count(sum(c.values()))} total: LLM {fmt_count(c['llm_linear'] + c['llm_other'] + c['embed'] + c['lm_head'])}"
         f", vision {fmt_count(c['vision'])}, projector {fmt_count(c['projector'])}; trainable {fmt_count(est.trainable)}",
@@ -235,33 +329,27 @@ def render(args: PlanArgs, spec: ModelSpec, est: Estimate, sugg: list[Suggestion
         if not fits and any("--batch" in x.change for x in sugg):
             lines.append("  (with a smaller --batch, --gradient_accumulation_steps keeps the effective batch)")
     elif not fits:
-        lines.append("nothing single fits: combine changes, use more GPUs with --zero 3, or a smaller model")
+        lines.append("nothing single fits: combine changes, use more GPUs with --zero zero3, or a smaller model")
     return "\n".join(lines)
 
 
+def _method_text(s: Settings) -> str:
+    if s.method == "projector":
+        return "stage pretrain (projector only)"
+    return s.method + (f" r={s.lora_r}" if s.method != "full" else "")
+
+
 def plan(args: PlanArgs) -> tuple[Estimate, list[Suggestion], str]:
-    spec = load_spec(args.model)
+    spec = args.spec()
     s = args.settings()
     est = estimate(spec, s)
     sugg = suggestions(spec, s, args.gpu_mem)
     return est, sugg, render(args, spec, est, sugg)
 
 
-def _negations(argv: Sequence[str]) -> list[str]:
-    """``--no-offload`` / ``--no-gradient-checkpointing`` for every boolean flag, whatever its default."""
-    bools = {f.name for f in dataclasses.fields(PlanArgs) if f.type in ("bool", bool)}
-    out = []
-    for a in argv:
-        name = a[5:].replace("-", "_") if a.startswith("--no-") or a.startswith("--no_") else None
-        if name in bools:
-            out += [f"--{name}", "false"]
-        else:
-            out.append(a)
-    return out
-
-
 def main(argv: Sequence[str], prog: str) -> int:
-    (args,) = parse_config([PlanArgs], _negations(argv), prog=prog, description=__doc__.split("\n\n")[0])
+    (args,) = parse_config([PlanArgs], argv, prog=prog, description=__doc__.split("\n\n")[0],
+                           translate=recipe_values)
     est, sugg, text = plan(args)
     if args.json != "-":
         print(text)

@@ -166,37 +166,32 @@ def layer_bytes(spec: ModelSpec, s: Settings) -> dict[str, float]:
         parts["linear inputs"] = e_c * (2 * h + i)
     else:
         parts["norms"] = 2 * (4 * h + 4)
+    if s.method in ("lora", "qlora"):
         lora_in = sum(a for _, a, _ in spec.llm_linears())
         parts["lora"] = (mask + e_c) * lora_in + 7 * s.lora_r * e_c
     return parts
 
 
-def estimate(spec: ModelSpec, s: Settings) -> Estimate:
-    """Peak memory per device. ``peak = resident + max(backward start, end of backward) [+ CUDA overheads]``:
+METHODS = ("lora", "qlora", "full", "projector")  # "projector": stage 1 (--stage pretrain), the projector only
 
-    - resident: weights, optimizer states, (DeepSpeed) gradient partitions and buckets;
-    - backward start: all saved activations + the logits buffers (+ one dequantized weight under QLoRA);
-    - end of backward: the gradients (``zero_grad(set_to_none=True)`` frees them between steps, so they
-      never coexist with a full set of activations).
-    """
-    if s.method not in ("lora", "qlora", "full"):
-        raise ValueError(f"method must be lora, qlora or full, got {s.method!r}")
-    if s.zero not in (0, 1, 2, 3):
-        raise ValueError(f"zero must be 0, 1, 2 or 3, got {s.zero!r}")
-    notes: list[str] = []
-    counts = spec.count()
+
+@dataclass
+class _Weights:
+    """What the weights part of the estimate found: bytes and rows, the trainable count and its bytes."""
+
+    weights: float
+    detail: str
+    trainable: int
+    train_bytes: float
+    train_detail: str
+    lora: int = 0
+
+
+def _weights(spec: ModelSpec, s: Settings, counts: dict[str, int]) -> _Weights:
+    """Weights in memory (before any ZeRO-3 sharding), and the trainable parameters with the bytes of one gradient."""
     total = sum(counts.values())
-    ds = s.zero > 0
-    n = max(1, s.gpus) if ds else 1
-    amp = s.dtype != "fp32"
-    w = _dtype_bytes(s.dtype)
-    e_c, e_s = _element_bytes(s)
-    tokens = s.batch * s.max_length
-    resident: list[Item] = []
-    backward: list[Item] = []
-    end: list[Item] = []
-
-    # ---------------------------------------------------------------- weights
+    ds, amp, w = s.zero > 0, s.dtype != "fp32", _dtype_bytes(s.dtype)
+    proj = counts["projector"]
     if s.method == "qlora":
         qb = 0.5 + (1 / BLOCK + 4 / (BLOCK * 256) if s.double_quant else 4 / BLOCK)
         other_b = 2 if (ds and amp) else 4
@@ -210,66 +205,75 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
             kept16 = 0
         other = total - counts["llm_linear"] - kept16
         weights = counts["llm_linear"] * qb + other * other_b + kept16 * 2
-        wdetail = (f"{fmt_count(counts['llm_linear'])} LLM linear x {qb:.3f} bytes (NF4)"
-                   + (f" + {fmt_count(other)} other x {other_b} bytes" if other else "")
-                   + (f" + {fmt_count(kept16)} frozen {'unquantized' if s.dtype == 'bf16' else 'linear/conv'} x 2 bytes"
-                      if kept16 else ""))
+        detail = (f"{fmt_count(counts['llm_linear'])} LLM linear x {qb:.3f} bytes (NF4)"
+                  + (f" + {fmt_count(other)} other x {other_b} bytes" if other else "")
+                  + (f" + {fmt_count(kept16)} frozen {'unquantized' if s.dtype == 'bf16' else 'linear/conv'} x 2 bytes"
+                     if kept16 else ""))
     else:
         weights = total * w
-        wdetail = f"{fmt_count(total)} params x {w} bytes"
-    proj = counts["projector"]
+        detail = f"{fmt_count(total)} params x {w} bytes"
     if s.method == "full":
-        lora = 0
         trainable = counts["llm_linear"] + counts["llm_other"] + counts["embed"] + counts["lm_head"] + proj
-        train_bytes = trainable * w  # one gradient / one moment, in the parameter dtype
-        tdetail = f"{fmt_count(trainable)} trainable x {w} bytes"
-    else:
-        lora = spec.lora_params(s.lora_r)
-        trainable = lora + proj
-        lora_b = 2 if (ds and amp) else 4  # PEFT keeps adapters in fp32; DeepSpeed casts the module to bf16
-        proj_b = 2 if (ds and amp) else (4 if s.method == "qlora" else w)
-        weights += lora * lora_b + proj * proj_b  # adapters + the trainable copy of the projector
-        wdetail += f" + LoRA r={s.lora_r} {fmt_count(lora)} x {lora_b} bytes + projector copy {fmt_count(proj)} x {proj_b} bytes"
-        train_bytes = lora * lora_b + proj * proj_b
-        tdetail = f"LoRA {fmt_count(lora)} x {lora_b} bytes + projector {fmt_count(proj)} x {proj_b} bytes"
-    if s.zero == 3:
-        if s.method == "qlora":
-            notes.append("QLoRA with ZeRO-3 is not supported by llavatune (bitsandbytes weights cannot be sharded); "
-                         "use ZeRO-2")
-        layer = sum(a * b for _, a, b in spec.llm_linears())
-        live = 2 * (2 * layer + max(counts["embed"], counts["lm_head"]))
-        if s.offload:
-            resident.append(Item("weights", live, "ZeRO-3 offload: weights in CPU memory; gathered working set "
-                                                  "(2 layers + embeddings, bf16) on the GPU"))
-        else:
-            resident.append(Item("weights", weights / n + live,
-                                 f"({wdetail}) / {n} GPUs + gathered working set (2 layers + embeddings, bf16)"))
-    else:
-        resident.append(Item("weights", weights, wdetail))
+        return _Weights(weights, detail, trainable, trainable * w, f"{fmt_count(trainable)} trainable x {w} bytes")
+    if s.method == "projector":  # stage 1: the projector itself trains (no adapter, no copy)
+        return _Weights(weights, detail, proj, proj * w, f"projector {fmt_count(proj)} x {w} bytes")
+    lora = spec.lora_params(s.lora_r)
+    lora_b = 2 if (ds and amp) else 4  # PEFT keeps adapters in fp32; DeepSpeed casts the module to bf16
+    proj_b = 2 if (ds and amp) else (4 if s.method == "qlora" else w)
+    weights += lora * lora_b + proj * proj_b  # adapters + the trainable copy of the projector
+    detail += f" + LoRA r={s.lora_r} {fmt_count(lora)} x {lora_b} bytes + projector copy {fmt_count(proj)} x {proj_b} bytes"
+    return _Weights(weights, detail, lora + proj, lora * lora_b + proj * proj_b,
+                    f"LoRA {fmt_count(lora)} x {lora_b} bytes + projector {fmt_count(proj)} x {proj_b} bytes", lora)
 
-    # ---------------------------------------------------------------- gradients and optimizer states
+
+def _weight_items(spec: ModelSpec, s: Settings, counts: dict[str, int], wt: _Weights, notes: list[str]) -> list[Item]:
+    """The resident weights row: sharded (plus the gathered working set) under ZeRO-3, or all of them."""
+    if s.zero != 3:
+        return [Item("weights", wt.weights, wt.detail)]
+    if s.method == "qlora":
+        notes.append("QLoRA with ZeRO-3 is not supported by llavatune (bitsandbytes weights cannot be sharded); "
+                     "use ZeRO-2")
+    n = max(1, s.gpus)
+    layer = sum(a * b for _, a, b in spec.llm_linears())
+    live = 2 * (2 * layer + max(counts["embed"], counts["lm_head"]))
+    if s.offload:
+        return [Item("weights", live, "ZeRO-3 offload: weights in CPU memory; gathered working set "
+                                      "(2 layers + embeddings, bf16) on the GPU")]
+    return [Item("weights", wt.weights / n + live,
+                 f"({wt.detail}) / {n} GPUs + gathered working set (2 layers + embeddings, bf16)")]
+
+
+def _optimizer_items(spec: ModelSpec, s: Settings, wt: _Weights) -> tuple[list[Item], list[Item], float]:
+    """Gradients and optimizer states: ``(resident rows, end-of-backward rows, CPU bytes of offloaded states)``."""
+    trainable = wt.trainable
+    if s.zero == 0:
+        return ([Item("optimizer states", 2 * wt.train_bytes, "AdamW exp_avg + exp_avg_sq in the parameter dtype")],
+                [Item("gradients", wt.train_bytes, wt.train_detail + " (freed between steps)")], 0.0)
+    n = max(1, s.gpus)
+    g = 2 if s.dtype != "fp32" else 4
+    grads = trainable * g / (n if s.zero >= 2 else 1)
+    bucket = 2 * min(spec.hidden**2, trainable) * g  # reduce bucket ('auto' = hidden^2), double-buffered
+    opt = 12 * trainable / n
     cpu_bytes = 0.0
-    if not ds:
-        end.append(Item("gradients", train_bytes, tdetail + " (freed between steps)"))
-        resident.append(Item("optimizer states", 2 * train_bytes, "AdamW exp_avg + exp_avg_sq in the parameter dtype"))
+    if s.offload:
+        cpu_bytes += opt + 4 * trainable / n
+        rows = [Item("gradients", bucket + (0 if s.zero >= 2 else grads),
+                     "ZeRO-Offload: gradient partitions are copied to CPU; reduce buckets stay"),
+                Item("optimizer states", 0.0, f"offloaded: {opt / GiB:.2f} GiB of CPU memory per process")]
     else:
-        g = 2 if amp else 4
-        grads = trainable * g / (n if s.zero >= 2 else 1)
-        bucket = 2 * min(spec.hidden**2, trainable) * g  # reduce bucket ('auto' = hidden^2), double-buffered
-        opt = 12 * trainable / n
-        if s.offload:
-            cpu_bytes += opt + 4 * trainable / n
-            resident.append(Item("gradients", bucket + (0 if s.zero >= 2 else grads),
-                                 "ZeRO-Offload: gradient partitions are copied to CPU; reduce buckets stay"))
-            resident.append(Item("optimizer states", 0.0, f"offloaded: {opt / GiB:.2f} GiB of CPU memory per process"))
-        else:
-            resident.append(Item("gradients", grads + bucket, f"{fmt_count(trainable)} x {g} bytes"
-                                 + (f" / {n} GPUs" if s.zero >= 2 else "") + " + reduce buckets"))
-            resident.append(Item("optimizer states", opt, f"fp32 master + 2 moments: 12 bytes x {fmt_count(trainable)} / {n}"))
-        if s.zero == 3 and s.offload:
-            cpu_bytes += weights / n
+        rows = [Item("gradients", grads + bucket, f"{fmt_count(trainable)} x {g} bytes"
+                     + (f" / {n} GPUs" if s.zero >= 2 else "") + " + reduce buckets"),
+                Item("optimizer states", opt, f"fp32 master + 2 moments: 12 bytes x {fmt_count(trainable)} / {n}")]
+    if s.zero == 3 and s.offload:
+        cpu_bytes += wt.weights / n
+    return rows, [], cpu_bytes
 
-    # ---------------------------------------------------------------- activations and logits
+
+def _backward_items(spec: ModelSpec, s: Settings, counts: dict[str, int], wt: _Weights) -> list[Item]:
+    """What the start of backward holds: saved activations, the logits buffers (or one recomputed layer with
+    checkpointing), autocast's 16-bit weight copies, QLoRA's dequantized weight."""
+    e_c, e_s = _element_bytes(s)
+    tokens = s.batch * s.max_length
     parts = layer_bytes(spec, s)
     per_layer = sum(parts.values())
     tail = 4 * spec.hidden + 4 + ((e_s + e_c) * spec.hidden if s.method == "full" else 0)
@@ -279,49 +283,78 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
     logits = 12 * spec.vocab * s.batch * sup
     logits_detail = (f"12 bytes x {s.batch} x {sup} supervised tokens x vocab {spec.vocab:,}: fp32 log-softmax + 2 grads"
                      + ("" if s.supervised_tokens else " (every text token: --supervised-tokens for your answers)"))
+    out: list[Item] = []
     if s.gradient_checkpointing:
         kept = spec.layers * e_s * spec.hidden * tokens + (s.batch * s.max_length**2 if s.padding_mask else 0)
         kept += tail * tokens + proj_act
         # one layer recomputed, plus the gradients flowing through it (MLP intermediates, hidden states)
         work = (3 * spec.intermediate + 2 * spec.hidden) * e_s
         recompute = (per_layer + work) * tokens
-        backward.append(Item("activations", kept, f"checkpointing: {spec.layers} layer inputs x {e_s} bytes x hidden "
-                                                  f"x {tokens:,} tokens (+ mask, head, projector)"))
+        out.append(Item("activations", kept, f"checkpointing: {spec.layers} layer inputs x {e_s} bytes x hidden "
+                                             f"x {tokens:,} tokens (+ mask, head, projector)"))
         if recompute > logits:
-            backward.append(Item("recomputed layer", recompute,
-                                 f"one layer at {per_layer / 1024:.1f} KiB/token + its gradients "
-                                 f"{work / 1024:.1f} KiB/token (the logits buffers are gone by then)"))
+            out.append(Item("recomputed layer", recompute,
+                            f"one layer at {per_layer / 1024:.1f} KiB/token + its gradients "
+                            f"{work / 1024:.1f} KiB/token (the logits buffers are gone by then)"))
         else:
-            backward.append(Item("logits", logits, logits_detail + " (one recomputed layer is smaller)"))
+            out.append(Item("logits", logits, logits_detail + " (one recomputed layer is smaller)"))
     else:
         act = (per_layer * spec.layers + tail) * tokens + proj_act
-        backward.append(Item("activations", act, f"{spec.layers} layers x {per_layer / 1024:.1f} KiB/token ("
-                             + ", ".join(f"{k} {v / 1024:.2f}" for k, v in parts.items()) + f") x {tokens:,} tokens"))
-        backward.append(Item("logits", logits, logits_detail))
-    if amp and not ds:
+        out.append(Item("activations", act, f"{spec.layers} layers x {per_layer / 1024:.1f} KiB/token ("
+                        + ", ".join(f"{k} {v / 1024:.2f}" for k, v in parts.items()) + f") x {tokens:,} tokens"))
+        out.append(Item("logits", logits, logits_detail))
+    if s.dtype != "fp32" and s.zero == 0:
         # autocast caches the 16-bit copy of every fp32 weight a matmul needs for backward: the fp32 LoRA
         # adapters (and, under QLoRA, the upcast trainable projector, and under fp16 a tied lm_head: it shares
         # the embedding's fp32 weight, so it is not cast back to 16 bit)
-        fp32_w = lora + (proj if s.method == "qlora" else 0)
+        fp32_w = wt.lora + (counts["projector"] if s.method == "qlora" else 0)
         if s.method == "qlora" and not counts["lm_head"] and s.dtype != "bf16":
             fp32_w += counts["embed"]
         if fp32_w:
-            backward.append(Item("autocast weight copies", 2 * fp32_w,
-                                 f"{fmt_count(fp32_w)} fp32 weights cast to 16 bit and kept for backward"))
+            out.append(Item("autocast weight copies", 2 * fp32_w,
+                            f"{fmt_count(fp32_w)} fp32 weights cast to 16 bit and kept for backward"))
     if s.method == "qlora":
-        backward.append(Item("dequantized weight", 2 * spec.largest_linear() * e_c,
-                             "bitsandbytes dequantizes one linear layer at a time (forward + backward)"))
+        out.append(Item("dequantized weight", 2 * spec.largest_linear() * e_c,
+                        "bitsandbytes dequantizes one linear layer at a time (forward + backward)"))
+    return out
+
+
+def _overhead_items(s: Settings, dynamic: float) -> list[Item]:
+    if s.device != "cuda":
+        return []
+    out = [Item("allocator fragmentation", FRAGMENTATION * dynamic,
+                f"{FRAGMENTATION:.0%} of the per-step memory (caching allocator)"),
+           Item("CUDA context", CUDA_CONTEXT, "context, kernels, cuBLAS workspace")]
+    if s.zero and s.gpus > 1:
+        out.append(Item("NCCL buffers", NCCL_BUFFERS, "communication buffers"))
+    return out
+
+
+def estimate(spec: ModelSpec, s: Settings) -> Estimate:
+    """Peak memory per device. ``peak = resident + max(backward start, end of backward) [+ CUDA overheads]``:
+
+    - resident: weights, optimizer states, (DeepSpeed) gradient partitions and buckets;
+    - backward start: all saved activations + the logits buffers (+ one dequantized weight under QLoRA);
+    - end of backward: the gradients (``zero_grad(set_to_none=True)`` frees them between steps, so they
+      never coexist with a full set of activations).
+    """
+    if s.method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {s.method!r}")
+    if s.zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero must be 0, 1, 2 or 3, got {s.zero!r}")
+    notes: list[str] = []
+    counts = spec.count()
+    wt = _weights(spec, s, counts)
+    resident = _weight_items(spec, s, counts, wt, notes)
+    optimizer, end, cpu_bytes = _optimizer_items(spec, s, wt)
+    resident += optimizer
+    backward = _backward_items(spec, s, counts, wt)
     b_sum = sum(i.bytes for i in backward)
     e_sum = sum(i.bytes for i in end)
     dynamic = max(b_sum, e_sum)
-    overhead: list[Item] = []
-    if s.device == "cuda":
-        overhead.append(Item("allocator fragmentation", FRAGMENTATION * dynamic,
-                             f"{FRAGMENTATION:.0%} of the per-step memory (caching allocator)"))
-        overhead.append(Item("CUDA context", CUDA_CONTEXT, "context, kernels, cuBLAS workspace"))
-        if ds and s.gpus > 1:
-            overhead.append(Item("NCCL buffers", NCCL_BUFFERS, "communication buffers"))
+    overhead = _overhead_items(s, dynamic)
     peak = sum(i.bytes for i in resident + overhead) + dynamic
+    n_img = s.images_per_sample if spec.image_tokens else 0
     if spec.image_tokens and n_img and spec.image_tokens * n_img >= s.max_length:
         notes.append(f"--max-length {s.max_length} leaves no room for text: the image alone takes "
                      f"{spec.image_tokens * n_img} tokens")
@@ -331,4 +364,5 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
             i.phase = phase
     phases = {"resident": sum(i.bytes for i in resident), "overhead": sum(i.bytes for i in overhead),
               "backward start": b_sum, "end of backward": e_sum}
-    return Estimate(s, resident + backward + end + overhead, peak, counts, trainable, cpu_bytes, notes + list(spec.notes), phases)
+    return Estimate(s, resident + backward + end + overhead, peak, counts, wt.trainable, cpu_bytes,
+                    notes + list(spec.notes), phases)

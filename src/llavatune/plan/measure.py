@@ -113,7 +113,7 @@ def measure(model_dir: str, method: str = "lora", dtype: str = "fp32", batch: in
     import torch
 
     from llavatune.model import loader
-    from llavatune.train.llava_trainer import forward_loss
+    from llavatune.model.loss import forward_loss
 
     torch.manual_seed(0)
     tdtype = torch.float32 if dtype == "fp32" else torch.bfloat16
@@ -183,7 +183,7 @@ def _saved_bytes(model, inputs, amp) -> int:
     """Bytes of the distinct non-parameter storages autograd saves in one forward (the activations)."""
     import torch
 
-    from llavatune.train.llava_trainer import forward_loss
+    from llavatune.model.loss import forward_loss
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from llavatune.config import ConfigError, config, parse_config
+from llavatune.files import CONFIG_FILE, METRICS_FILE
 
 logger = logging.getLogger("llavatune")
 
@@ -52,7 +53,7 @@ def write_report(run_dir: str | Path, params: str | None = None, gallery: int = 
         atomic_write_text(run / "params.txt", params.rstrip() + "\n")
     data = load_run(run)
     if not data.config and not data.train_rows and not data.eval_rows:
-        raise UserError(f"{run} has neither llavatune_config.yaml nor metrics.jsonl; is it a 'llavatune train' "
+        raise UserError(f"{run} has neither {CONFIG_FILE} nor {METRICS_FILE}; is it a 'llavatune train' "
                         "output directory?")
     out = run / "report"
     out.mkdir(exist_ok=True)

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from llavatune.files import CONFIG_FILE, EVAL_PREDICTIONS_DIR, META_FILE, METRICS_FILE
+
 EVAL_KEYS = ("eval_loss", "eval_vqa_accuracy", "eval_exact_match", "eval_token_f1")
 
 
@@ -81,7 +83,7 @@ def _step_of(p: Path) -> int:
 
 
 def latest_predictions(run_dir: Path) -> tuple[Path | None, list[dict]]:
-    files = sorted((run_dir / "eval_predictions").glob("step-*.jsonl"), key=_step_of)
+    files = sorted((run_dir / EVAL_PREDICTIONS_DIR).glob("step-*.jsonl"), key=_step_of)
     for f in reversed(files):  # the newest readable one (a file being written is replaced atomically)
         rows = []
         for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -126,7 +128,7 @@ def pick_best(data: RunData) -> dict[str, Any] | None:
     row = None
     if state and state.get("step") is not None:
         row = next((r for r in data.eval_rows if r.get("step") == state["step"]), None)
-    source = state["source"] if row is not None and state else "metrics.jsonl"
+    source = state["source"] if row is not None and state else METRICS_FILE
     if row is None:
         rows = [r for r in data.eval_rows if isinstance(r.get(key), (int, float))]
         if not rows:
@@ -247,23 +249,23 @@ def image_root(data: RunData) -> Path | None:
 def load_run(run_dir: str | Path) -> RunData:
     run = Path(run_dir)
     data = RunData(run_dir=run)
-    cfg = run / "llavatune_config.yaml"
+    cfg = run / CONFIG_FILE
     if cfg.is_file():
         try:
             data.config = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError:
             data.config = {}
-    meta = run / "llavatune_checkpoint.json"
+    meta = run / META_FILE
     ckpts = sorted((p for p in run.glob("checkpoint-*") if p.is_dir()), key=_step_of)
     data.checkpoints = [c.name for c in ckpts]
-    for m in [meta] + [c / "llavatune_checkpoint.json" for c in reversed(ckpts)]:
+    for m in [meta] + [c / META_FILE for c in reversed(ckpts)]:
         if m.is_file():
             try:
                 data.meta = json.loads(m.read_text(encoding="utf-8"))
                 break
             except json.JSONDecodeError:
                 continue
-    data.train_rows, data.eval_rows, data.summary_row, data.torn_lines = read_metrics(run / "metrics.jsonl")
+    data.train_rows, data.eval_rows, data.summary_row, data.torn_lines = read_metrics(run / METRICS_FILE)
     data.best = pick_best(data)
     ptxt = run / "params.txt"
     if ptxt.is_file():

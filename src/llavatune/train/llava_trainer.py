@@ -17,48 +17,12 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from llavatune.data.encode import IGNORE_INDEX
+from llavatune.files import BASE_CONFIG_FILE, METRICS_FILE
 from llavatune.model.loader import model_family, write_meta
+from llavatune.model.loss import supervised_lm_loss, supervised_positions
 from llavatune.utils import atomic_write_text
 
 logger = logging.getLogger("llavatune")
-
-
-def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
-    """``(B, L)`` bool: the positions whose *next* token is supervised (``labels[:, 1:] != -100``, shifted back).
-
-    Passed to the model as ``logits_to_keep``, so the lm_head and the fp32 cross-entropy run only there instead
-    of at every position: a VQA sample has a few answer tokens among ~650 (576 of them image tokens), and the
-    ``B x L x vocab`` fp32 logits (12 bytes per element with their gradients) are often the largest activation.
-    """
-    shift = labels[:, 1:] != IGNORE_INDEX
-    return torch.nn.functional.pad(shift, (0, 1), value=False)
-
-
-def supervised_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Next-token cross-entropy from logits kept at ``supervised_positions(labels)`` (``(N, vocab)``, row-major).
-
-    The same number as transformers' causal-LM loss on full logits: fp32 cross-entropy, summed and divided by
-    ``num_items_in_batch`` (the Trainer's count of supervised tokens over the accumulated batch) when given,
-    else the mean over this batch's supervised tokens.
-    """
-    logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-    shift = labels[:, 1:]
-    targets = shift[shift != IGNORE_INDEX].to(logits.device)
-    if num_items_in_batch is None:
-        return torch.nn.functional.cross_entropy(logits.float(), targets)
-    loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
-
-
-def forward_loss(model, inputs: dict[str, Any]) -> torch.Tensor:
-    """One forward and the mean loss over supervised tokens, as ``LlavaTrainer`` computes it (logits only at
-    supervised positions). For code that steps a model outside the Trainer (``plan --measure``)."""
-    inputs = dict(inputs)
-    labels = inputs.pop("labels")
-    return supervised_lm_loss(model(**inputs, logits_to_keep=supervised_positions(labels)), labels)
 
 
 def _sum_floats(obj) -> torch.Tensor:
@@ -248,7 +212,7 @@ def finish_checkpoint(ckpt: Path, processor, meta: dict, config_path: Path | Non
     processor.save_pretrained(ckpt)
     if not (ckpt / "config.json").exists():
         # adapter checkpoints: keep the base model's config for reference (loading goes through the adapter)
-        model_config.to_json_file(str(ckpt / "base_config.json"))
+        model_config.to_json_file(str(ckpt / BASE_CONFIG_FILE))
     if config_path is not None and config_path.exists() and config_path.parent.resolve() != ckpt.resolve():
         shutil.copy2(config_path, ckpt / config_path.name)
     write_meta(ckpt, meta)
@@ -281,7 +245,7 @@ class MetricsJsonlCallback(TrainerCallback):
                 dropped += 1
         if dropped:
             atomic_write_text(self.path, "".join(kept))
-            logger.info(f"metrics.jsonl: dropped {dropped} row(s) logged after step {state.global_step} by the "
+            logger.info(f"{METRICS_FILE}: dropped {dropped} row(s) logged after step {state.global_step} by the "
                         "interrupted attempt (they are logged again as training continues)")
 
     def on_log(self, args, state, control, logs=None, **kwargs):

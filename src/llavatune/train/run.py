@@ -23,15 +23,29 @@ import hashlib
 import json
 import logging
 import os
-from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llavatune.config import CONFIG_FILE, ConfigError, parse_config, save_resolved
+from llavatune._compat import deepspeed_zero3_init_disabled
+from llavatune.config import ConfigError, parse_config, save_resolved
 from llavatune.data.encode import Encoder, LlavaDataset
-from llavatune.data.records import Record, Validation, image_root, normalize_image_placement, validate_data
+from llavatune.data.records import (
+    Record,
+    Validation,
+    collect_texts,
+    image_root,
+    normalize_image_placement,
+    validate_data,
+)
 from llavatune.data.show import first_sample
+from llavatune.files import (
+    BASE_MODEL_DIR,
+    CONFIG_FILE,
+    IMAGE_CHECKS_FILE,
+    METRICS_FILE,
+    RUN_FILE,  # the run's fingerprint and status ("running" / "finished")
+    SKIPPED_FILE,
+)
 from llavatune.train.train_config import DataArgs, EvalArgs, LlavaTrainingArguments, MethodArgs, ModelArgs
 from llavatune.utils import (
     UserError,
@@ -42,22 +56,10 @@ from llavatune.utils import (
     output_kind,
     prepare_output_dir,
 )
+from llavatune.zero import deepspeed_config, zero_settings
 
 logger = logging.getLogger("llavatune")
-RUN_FILE = "llavatune_run.json"  # the run's fingerprint and status ("running" / "finished")
-IMAGE_CHECKS_FILE = "image_checks.json"
-SKIPPED_FILE = "skipped_records.jsonl"
 SECTIONS = (ModelArgs, DataArgs, MethodArgs, EvalArgs, LlavaTrainingArguments)
-
-
-def deepspeed_config(zero: str) -> str:
-    """Short name (zero2, zero3, zero3_offload) of a shipped config, or a path to a user's JSON."""
-    if Path(zero).is_file():
-        return str(Path(zero).resolve())
-    shipped = resources.files("llavatune") / "configs" / "deepspeed" / f"{zero}.json"
-    if not shipped.is_file():
-        raise ConfigError(f"--zero: {zero!r} is neither zero2, zero3, zero3_offload nor an existing JSON file")
-    return str(shipped)
 
 
 def validate(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
@@ -81,7 +83,7 @@ def validate(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArg
         deepspeed_config(mthd.zero)  # an unknown name fails here, before anything is set up
     check_model_refs(margs, mthd.smoke)
     if mthd.method == "qlora" and mthd.stage == "finetune":
-        if mthd.zero and "zero3" in mthd.zero:
+        if zero_settings(mthd.zero)[0] == 3:
             raise ConfigError("--method qlora with --zero zero3: use zero2 (ZeRO-3 cannot shard bitsandbytes weights)")
         try:
             import bitsandbytes  # noqa: F401
@@ -200,23 +202,6 @@ def one_process_world() -> None:
                       MASTER_PORT=str(port))
     logger.info("--zero without a launcher: DeepSpeed runs as a world of one process (launch with torchrun, "
                 "accelerate launch or deepspeed for several)")
-
-
-@contextmanager
-def zero3_init_disabled():
-    """Build a model on one rank without DeepSpeed's ``zero.Init`` (which expects every rank to take part).
-
-    Only used for writing the tiny/composed base to disk on the main process; loading for training then
-    runs on all ranks with ZeRO-3 partitioning as usual.
-    """
-    from transformers.integrations import deepspeed as hf_ds
-
-    saved = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def build_base(margs: ModelArgs, mthd: MethodArgs, base_dir: Path, texts: list[str], template: str = "auto") -> None:
@@ -588,8 +573,8 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     n_prior = {"train": len(validations[0].bad), "validation": len(validations[1].bad) if dargs.val_data else 0}
 
     # Model: turn --model into a llava-hf directory or hub id, then load (quantized for QLoRA)
-    base_dir = out / "base_model"
-    texts = loader.collect_texts(train_records + val_records)
+    base_dir = out / BASE_MODEL_DIR
+    texts = collect_texts(train_records + val_records)
     template = "plain" if mthd.stage == "pretrain" else dargs.template
     from llavatune.model.families import TINY_MODELS
 
@@ -597,7 +582,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         with targs.main_process_first(desc="build base model"):
             # resuming reuses the very same base (and tokenizer)
             if targs.process_index == 0 and not (base_dir / "config.json").is_file():
-                with zero3_init_disabled():
+                with deepspeed_zero3_init_disabled():
                     build_base(margs, mthd, base_dir, texts, template)
         base_ref = str(base_dir.resolve())
     else:
@@ -684,7 +669,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         )
     callbacks = [
         CheckpointCallback(processor, meta, config_path, model.config),
-        MetricsJsonlCallback(out / "metrics.jsonl"),
+        MetricsJsonlCallback(out / METRICS_FILE),
     ]
     callbacks += list(extra_callbacks)
     if eargs.early_stopping_patience:

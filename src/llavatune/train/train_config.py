@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 from llavatune.config import ConfigError, config
 from llavatune.data.images import MAX_PIXELS
 from llavatune.data.records import MAX_BAD_RECORDS
+from llavatune.data.templates import TemplateName
 
 
 @config
@@ -55,8 +56,7 @@ class DataArgs:
     """Validation data (same formats), used for validation loss and VQA accuracy between epochs."""
     image_folder: Optional[str] = None
     """Folder that image paths are relative to (default: the folder of each data file)."""
-    template: Literal["auto", "vicuna_v1", "v1", "llava_v1", "llava_llama_2", "mistral_instruct", "chatml_direct",
-                      "mistral_direct", "plain", "chatml", "paligemma"] = "auto"
+    template: TemplateName = "auto"
     """Prompt template. 'auto': the processor's chat template if it has one (Qwen-VL, Gemma 3, LLaVA-OneVision, ...),
     else the family's own format (paligemma), else vicuna_v1. The others render the original LLaVA conv_templates byte
     for byte (vicuna_v1 = v1: LLaVA-1.5; chatml is not an original LLaVA template: ChatML with newlines; paligemma:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llavatune.data.synthetic import COLORS, SHAPES, make_shapes_vqa
+from llavatune.data.shapes import COLORS, SHAPES, make_shapes_vqa
 
 
 def _digest(root: Path) -> str:
