@@ -211,6 +211,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         hub_pattern=r"smolvlm", pip_extras=("num2words",),
         status="LoRA, QLoRA, eval, merge and stock reload tested on the tiny model",
     ),
+    Family(
+        "internvl", ("internvl",), ("InternVLProcessor",), vision=("vision_tower",), projector=("multi_modal_projector",),
+        language_model="language_model", stage1="the projector (multi_modal_projector: pixel shuffle + MLP)",
+        placeholder="<IMG_CONTEXT>", end_of_turn=("<|im_end|>",), expansion="processor", tiny="tiny-internvl",
+        hub_examples=("OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-8B-hf"), hub_pattern=r"internvl",
+        status="LoRA, QLoRA, eval, merge and stock reload tested on the tiny model",
+    ),
     # Known but not trained yet: the facts below are read from transformers' code (models/<family>/); what is missing
     # is each family's tiny builder, tests and, where noted, a collate rule or hook.
     Family(
@@ -221,15 +228,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         hub_pattern=r"mistral-small-3|mistral3", supported=False,
         status="not yet supported: no tiny model or tests yet (Pixtral's [IMG]/[IMG_BREAK]/[IMG_END] rows, "
                "variable image sizes)",
-    ),
-    Family(
-        "internvl", ("internvl",), ("InternVLProcessor",), vision=("vision_tower",), projector=("multi_modal_projector",),
-        language_model="language_model", stage1="the projector (multi_modal_projector: pixel shuffle + MLP)",
-        placeholder="<IMG_CONTEXT>", end_of_turn=("<|im_end|>",), expansion="processor",
-        hub_examples=("OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-8B-hf"), hub_pattern=r"internvl",
-        supported=False,
-        status="not yet supported: no tiny model or tests yet (<img><IMG_CONTEXT>...</img> per tile; its processor "
-               "call regroups tiles by num_patches)",
     ),
     Family(
         "mllama", ("mllama",), ("MllamaProcessor",), vision=("vision_model",), projector=("multi_modal_projector",),

@@ -277,6 +277,37 @@ def _idefics3(family: str):
     return build
 
 
+# ---------------------------------------------------------------------------------------------- InternVL
+
+def _internvl(texts: Iterable[str]):
+    """InternVL: the image cut into up to 4 tiles of 32 pixels plus a thumbnail (GotOcr2ImageProcessor's
+    crop_to_patches, which InternVLProcessor turns on), each tile's 4 x 4 patches pixel-shuffled (downsample_ratio
+    0.5) into 4 <IMG_CONTEXT> tokens, all of an image's between <img> and </img>; Qwen2 text model, ChatML turns."""
+    import transformers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+    tokenizer = bpe_tokenizer(list(texts) + [CHATML_TEXT], specials, eos_token="<|im_end|>",
+                              pad_token="<|endoftext|>", start_image_token="<img>", end_image_token="</img>",
+                              context_image_token="<IMG_CONTEXT>", video_token="<video>")
+    tokenizer.chat_template = chat_template("internvl")
+    seq = (IMAGE_SIZE // PATCH) ** 2 // 4
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    image_processor = transformers.GotOcr2ImageProcessor(size=size, max_patches=4)
+    video_processor = transformers.InternVLVideoProcessor(size=size)
+    processor = transformers.InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                               video_processor=video_processor, image_seq_length=seq,
+                                               chat_template=tokenizer.chat_template)
+    eos, pad, context = _ids(tokenizer, "<|im_end|>", "<|endoftext|>", "<IMG_CONTEXT>")
+    text = dict(TEXT, model_type="qwen2", vocab_size=len(tokenizer), eos_token_id=eos, pad_token_id=pad,
+                bos_token_id=None, tie_word_embeddings=False)
+    vision = dict(VISION, image_size=IMAGE_SIZE, patch_size=PATCH)
+    config = transformers.InternVLConfig(vision_config=vision, text_config=text, image_token_id=context,
+                                         image_seq_length=seq, downsample_ratio=0.5, tie_word_embeddings=False)
+    model = transformers.InternVLForConditionalGeneration(config)
+    _generation(model, eos=[eos], pad=pad, bos=None)
+    return model, processor
+
+
 def _generation(model, eos: list[int], pad: int, bos: int | None) -> None:
     """Generation settings as the released checkpoints' generation_config.json has them: stop at the end of a turn."""
     gen = model.generation_config
@@ -294,6 +325,7 @@ BUILDERS: dict[str, Callable[[Iterable[str]], tuple[Any, Any]]] = {
     "llava_onevision": _llava_onevision,
     "idefics3": _idefics3("idefics3"),
     "smolvlm": _idefics3("smolvlm"),
+    "internvl": _internvl,
 }
 
 
