@@ -21,7 +21,7 @@ from llavatune.model.families import TINY_MODELS
 from llavatune.model.tiny import build_tiny_model
 
 NEW = ["tiny-llava_onevision", "tiny-paligemma", "tiny-qwen2_vl", "tiny-qwen2_5_vl", "tiny-qwen3_vl", "tiny-gemma3",
-       "tiny-idefics3", "tiny-smolvlm", "tiny-internvl"]
+       "tiny-idefics3", "tiny-smolvlm", "tiny-internvl", "tiny-mistral3"]
 TEXTS = ["What color is the shape? red blue green purple", "Is there a square? yes no"]
 SIZES = [(32, 32), (40, 60), (64, 24)]
 
@@ -207,7 +207,7 @@ def test_family_trains_evaluates_merges_and_stock_reloads(shapes, tmp_path, name
     assert any(stock_ids)
 
 
-UNSUPPORTED = ["mistral3", "mllama"]
+UNSUPPORTED = ["mllama"]
 
 
 @pytest.mark.parametrize("family", UNSUPPORTED)
@@ -242,7 +242,8 @@ def test_tiny_models_and_smoke_fallback_by_hub_id():
             "tiny-paligemma", "Qwen/Qwen2-VL-7B-Instruct": "tiny-qwen2_vl", "Qwen/Qwen2.5-VL-7B-Instruct":
             "tiny-qwen2_5_vl", "Qwen/Qwen3-VL-8B-Instruct": "tiny-qwen3_vl", "google/gemma-3-4b-it": "tiny-gemma3",
             "HuggingFaceM4/Idefics3-8B-Llama3": "tiny-idefics3", "HuggingFaceTB/SmolVLM-256M-Instruct": "tiny-smolvlm",
-            "OpenGVLab/InternVL3-1B-hf": "tiny-internvl"}
+            "OpenGVLab/InternVL3-1B-hf": "tiny-internvl",
+            "mistralai/Mistral-Small-3.1-24B-Instruct-2503": "tiny-mistral3"}
     assert {ref: tiny_family(ref) for ref in want} == want
     assert set(TINY_MODELS) == {"tiny", "tiny-next", *NEW}
 

@@ -23,7 +23,7 @@ from llavatune.train.run import SECTIONS, train
 FAST = ["--report_to", "none", "--lora_r", "8", "--lora_alpha", "16", "--per_device_train_batch_size", "4",
         "--learning_rate", "1e-2", "--seed", "0", "--save_strategy", "no", "--image_workers", "1"]
 NEW = ["tiny-llava_onevision", "tiny-paligemma", "tiny-qwen2_vl", "tiny-qwen2_5_vl", "tiny-qwen3_vl", "tiny-gemma3",
-       "tiny-idefics3", "tiny-smolvlm", "tiny-internvl"]
+       "tiny-idefics3", "tiny-smolvlm", "tiny-internvl", "tiny-mistral3"]
 LLM_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
@@ -82,7 +82,7 @@ def test_lora_targets_the_llm_and_trains_the_projector_fully(shapes, tmp_path, n
 
 
 QLORA = ["tiny-paligemma", "tiny-qwen2_vl", "tiny-qwen2_5_vl", "tiny-qwen3_vl", "tiny-gemma3", "tiny-idefics3",
-         "tiny-smolvlm", "tiny-internvl"]
+         "tiny-smolvlm", "tiny-internvl", "tiny-mistral3"]
 
 
 @pytest.mark.parametrize("name", QLORA)

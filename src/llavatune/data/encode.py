@@ -185,12 +185,6 @@ class Encoder:
         self.stop_token_ids = list(dict.fromkeys(i for i in stops if i is not None))
         image_processor = getattr(self.processor, "image_processor", None)
         self.image_processor = pil_image_processor(image_processor) if image_processor is not None else None
-        # the processor's own defaults for its image processor, which win over the image processor's settings when
-        # the processor is called (ProcessorMixin._merge_kwargs): InternVLProcessor turns on crop_to_patches (tiling),
-        # which GotOcr2ImageProcessor and the checkpoints' preprocessor_config.json leave off
-        defaults = getattr(type(self.processor), "images_kwargs", None)
-        self.images_kwargs = {k: v for k, v in defaults.items() if k != "return_tensors"} \
-            if self.family is not None and isinstance(defaults, dict) else {}
         probe = self.tokenizer("a").input_ids
         bos = self.tokenizer.bos_token_id
         self.bos = [bos] if bos is not None and probe and probe[0] == bos else []
@@ -382,8 +376,16 @@ class Encoder:
     # ------------------------------------------------------------------------------------------- model inputs
     def pixel_inputs(self, images: list) -> dict[str, torch.Tensor]:
         """What the image processor gives the model for a sample's images: ``pixel_values`` and the family's other
-        image inputs (``image_sizes`` for LLaVA-NeXT/OneVision, ``image_grid_thw`` for Qwen-VL, ...)."""
-        out = self.image_processor(images, return_tensors="pt", **self.images_kwargs)
+        image inputs (``image_sizes`` for LLaVA-NeXT/OneVision, ``image_grid_thw`` for Qwen-VL, ...).
+
+        Processor-expanded families take them from the processor's own call on the sample's images (behind as many
+        placeholders), because the processor passes its image processor settings of its own: InternVLProcessor turns
+        on ``crop_to_patches`` (tiling), which the checkpoints' preprocessor_config.json leaves off; PixtralProcessor
+        resizes to multiples of ``patch_size * spatial_merge_size``, not the image processor's own patch size."""
+        if self.by_processor:
+            out = self.processor(text=[self.expand_token * len(images)], images=[list(images)], return_tensors="pt")
+        else:
+            out = self.image_processor(images, return_tensors="pt")
         keep = set(self.image_inputs) | {"pixel_values", "image_sizes"}
         return {k: out[k] for k in out if k in keep}
 

@@ -218,17 +218,16 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         hub_examples=("OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-8B-hf"), hub_pattern=r"internvl",
         status="LoRA, QLoRA, eval, merge and stock reload tested on the tiny model",
     ),
-    # Known but not trained yet: the facts below are read from transformers' code (models/<family>/); what is missing
-    # is each family's tiny builder, tests and, where noted, a collate rule or hook.
     Family(
         "mistral3", ("mistral3",), ("PixtralProcessor",), vision=("vision_tower",), projector=("multi_modal_projector",),
         language_model="language_model", stage1="the projector (multi_modal_projector, with its patch merger)",
         placeholder="[IMG]", end_of_turn=("</s>",), expansion="processor", image_inputs=("pixel_values", "image_sizes"),
-        collate={"pixel_values": "pad_cat"}, hub_examples=("mistralai/Mistral-Small-3.1-24B-Instruct-2503",),
-        hub_pattern=r"mistral-small-3|mistral3", supported=False,
-        status="not yet supported: no tiny model or tests yet (Pixtral's [IMG]/[IMG_BREAK]/[IMG_END] rows, "
-               "variable image sizes)",
+        collate={"pixel_values": "pad_cat"}, tiny="tiny-mistral3",
+        hub_examples=("mistralai/Mistral-Small-3.1-24B-Instruct-2503",), hub_pattern=r"mistral-small-3|mistral3",
+        status="LoRA, QLoRA, eval, merge and stock reload tested on the tiny model",
     ),
+    # Known but not trained yet: the facts below are read from transformers' code (models/<family>/); what is missing
+    # is each family's tiny builder, tests and, where noted, a collate rule or hook.
     Family(
         "mllama", ("mllama",), ("MllamaProcessor",), vision=("vision_model",), projector=("multi_modal_projector",),
         language_model="language_model",

@@ -308,6 +308,48 @@ def _internvl(texts: Iterable[str]):
     return model, processor
 
 
+# ---------------------------------------------------------------------------------------------- Mistral 3
+
+MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                    "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+# the default system prompt Mistral-Small-3.1's template writes (with today's date), so that it tokenizes compactly
+MISTRAL_TEXT = ("You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a French startup "
+                "headquartered in Paris. Your knowledge base was last updated on 2023-10-01. The current date is "
+                "When you're not sure about some information, you say that you don't have the information and don't "
+                "make up anything. If the user's question is not clear, ambiguous, or does not provide enough context "
+                "for you to accurately answer the question, you do not try to answer it right away and you rather ask "
+                "the user to clarify their request (e.g. \"What are some good restaurants around me?\" => \"Where are "
+                "you?\" or \"When is the next flight to Tokyo\" => \"Where do you travel from?\")")
+
+
+def _mistral3(texts: Iterable[str]):
+    """Mistral 3 (Mistral-Small-3.1): Pixtral vision tower on the image at its own size (longest edge up to 64
+    pixels, sides rounded up to 16), 8-pixel patches merged 2 x 2 by the projector's patch merger, one [IMG] per
+    merged patch, [IMG_BREAK] after each row and [IMG_END] last; Mistral text model, [INST] ... [/INST] turns ending
+    with </s>."""
+    import transformers
+
+    tokenizer = bpe_tokenizer(list(texts) + [MISTRAL_TEXT], MISTRAL_SPECIALS, bos="<s>", add_bos=True,
+                              eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = chat_template("mistral3")
+    # the image processor's own patch size is the tower's; PixtralProcessor resizes to patch x merge (16) itself
+    image_processor = transformers.PixtralImageProcessor(size={"longest_edge": 2 * IMAGE_SIZE},
+                                                         patch_size={"height": PATCH, "width": PATCH})
+    processor = transformers.PixtralProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+                                              spatial_merge_size=2, chat_template=tokenizer.chat_template)
+    unk, bos, eos, image, pad = _ids(tokenizer, "<unk>", "<s>", "</s>", "[IMG]", "<pad>")
+    head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
+    text = dict(TEXT, model_type="mistral", vocab_size=len(tokenizer), head_dim=head_dim, sliding_window=None,
+                bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False)
+    vision = dict(VISION, model_type="pixtral", image_size=2 * IMAGE_SIZE, patch_size=PATCH,
+                  head_dim=VISION["hidden_size"] // VISION["num_attention_heads"])
+    config = transformers.Mistral3Config(vision_config=vision, text_config=text, image_token_index=image,
+                                         spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False)
+    model = transformers.Mistral3ForConditionalGeneration(config)
+    _generation(model, eos=[eos], pad=pad, bos=bos)
+    return model, processor
+
+
 def _generation(model, eos: list[int], pad: int, bos: int | None) -> None:
     """Generation settings as the released checkpoints' generation_config.json has them: stop at the end of a turn."""
     gen = model.generation_config
@@ -326,6 +368,7 @@ BUILDERS: dict[str, Callable[[Iterable[str]], tuple[Any, Any]]] = {
     "idefics3": _idefics3("idefics3"),
     "smolvlm": _idefics3("smolvlm"),
     "internvl": _internvl,
+    "mistral3": _mistral3,
 }
 
 
