@@ -314,7 +314,7 @@ def test_plan_knows_todays_families_offline(capsys):
 
 @pytest.mark.parametrize("name", ["tiny-next", "tiny-llava_onevision", "tiny-paligemma", "tiny-qwen2_vl",
                                   "tiny-qwen2_5_vl", "tiny-qwen3_vl", "tiny-gemma3", "tiny-idefics3", "tiny-smolvlm",
-                                  "tiny-internvl", "tiny-mistral3"])
+                                  "tiny-internvl", "tiny-mistral3", "tiny-mllama"])
 def test_every_tiny_familys_parameters_are_counted_exactly(name):
     from llavatune.model.families import TINY_MODELS
     from llavatune.model.tiny import build_tiny_model

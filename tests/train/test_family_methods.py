@@ -23,7 +23,8 @@ from llavatune.train.run import SECTIONS, train
 FAST = ["--report_to", "none", "--lora_r", "8", "--lora_alpha", "16", "--per_device_train_batch_size", "4",
         "--learning_rate", "1e-2", "--seed", "0", "--save_strategy", "no", "--image_workers", "1"]
 NEW = ["tiny-llava_onevision", "tiny-paligemma", "tiny-qwen2_vl", "tiny-qwen2_5_vl", "tiny-qwen3_vl", "tiny-gemma3",
-       "tiny-idefics3", "tiny-smolvlm", "tiny-internvl", "tiny-mistral3"]
+       "tiny-idefics3", "tiny-smolvlm", "tiny-internvl", "tiny-mistral3",
+       "tiny-mllama"]
 LLM_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
@@ -82,7 +83,7 @@ def test_lora_targets_the_llm_and_trains_the_projector_fully(shapes, tmp_path, n
 
 
 QLORA = ["tiny-paligemma", "tiny-qwen2_vl", "tiny-qwen2_5_vl", "tiny-qwen3_vl", "tiny-gemma3", "tiny-idefics3",
-         "tiny-smolvlm", "tiny-internvl", "tiny-mistral3"]
+         "tiny-smolvlm", "tiny-internvl", "tiny-mistral3", "tiny-mllama"]
 
 
 @pytest.mark.parametrize("name", QLORA)
@@ -196,3 +197,14 @@ def test_qwen_zero3_on_two_cpu_ranks_with_text_only_batches(shapes, tmp_path):
     weights = load_file(str(out / "adapter_model.safetensors"))  # gathered, not ZeRO-3 shards
     merger = [v for k, v in weights.items() if ".merger." in k and k.endswith("weight")]
     assert merger and all(v.numel() > 0 for v in merger)
+
+
+def test_zero3_is_refused_in_one_line_for_a_family_that_cannot_run_it(shapes, tmp_path, capsys):
+    """Mllama has no get_image_features for the blank-image hook that keeps ZeRO-3 ranks in step: refused with one
+    line naming the option and what to use, not a crash at the first text-only batch."""
+    assert not TINY_MODELS["tiny-mllama"].zero3
+    argv = ["train", "--model", "tiny-mllama", "--data", str(shapes["train"]), "--output_dir", str(tmp_path / "run"),
+            "--max_steps", "1", "--zero", "zero3", *FAST]
+    assert cli_main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--zero zero3: mllama does not run under ZeRO-3 here; use --zero zero2"), err

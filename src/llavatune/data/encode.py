@@ -196,6 +196,8 @@ class Encoder:
         if key not in self._expansions:
             from PIL import Image
 
+            from transformers import ProcessorMixin
+
             blank = Image.new("RGB", (key[1], key[0]))
             try:
                 out = self.processor(text=[self.expand_token], images=[blank], return_text_replacement_offsets=True)
@@ -203,9 +205,14 @@ class Encoder:
                 raise SampleSkipped("image-size", f"{type(self.processor).__name__} cannot take a {key[1]} x {key[0]} "
                                     f"image: {str(e).splitlines()[0]}") from None
             offsets = out.get("text_replacement_offsets") or [[]]
-            if not offsets[0]:
+            if offsets[0]:
+                self._expansions[key] = offsets[0][0]["replacement"]
+            elif type(self.processor).replace_image_token is not ProcessorMixin.replace_image_token:
+                # a processor whose call does not report replacements (MllamaProcessor: the image enters through
+                # cross-attention and its token stays one token): its own rule for that image
+                self._expansions[key] = self.processor.replace_image_token(out, image_idx=0)
+            else:
                 raise ValueError(f"{type(self.processor).__name__} did not say how it expands {self.expand_token}")
-            self._expansions[key] = offsets[0][0]["replacement"]
         return self._expansions[key]
 
     def image_token_counts(self, image_sizes: list[tuple[int, int]] | None, n: int) -> list[int]:
@@ -389,9 +396,23 @@ class Encoder:
         keep = set(self.image_inputs) | {"pixel_values", "image_sizes"}
         return {k: out[k] for k in out if k in keep}
 
-    def token_type_ids(self, ids: list[int], labels: list[int] | None = None) -> list[int]:
+    def token_type_ids(self, ids: list[int], labels: list[int] | None = None, image_inputs: dict | None = None):
         """The family's per-token types for ``ids``: 'image' marks the processor's image tokens (its own
-        create_mm_token_type_ids); 'prefix_lm' is 0 on the prompt and 1 from the first supervised token on."""
+        create_mm_token_type_ids); 'prefix_lm' is 0 on the prompt and 1 from the first supervised token on;
+        'cross_attention' is Mllama's cross_attention_mask (tokens, images, tiles): which images' tiles each token
+        attends to, built by the processor module's own functions from the ids and each image's tile count (the
+        valid tiles of its ``aspect_ratio_mask``). None when the rule needs images and the sample has none."""
+        if self.token_type_rule == "cross_attention":
+            if not image_inputs:
+                return None
+            import sys
+
+            module = sys.modules[type(self.processor).__module__]
+            tiles = image_inputs["aspect_ratio_mask"][0].sum(-1).tolist()
+            sparse = module.get_cross_attention_token_mask(list(ids), self.processor.image_token_id)
+            dense = module.convert_sparse_cross_attention_mask_to_dense(
+                [sparse], [tiles], max_num_tiles=image_inputs["aspect_ratio_mask"].shape[-1], length=len(ids))
+            return torch.from_numpy(dense[0])
         if self.token_type_rule == "prefix_lm":
             first = next((i for i, x in enumerate(labels or ()) if x != IGNORE_INDEX), len(ids))
             return [0] * first + [1] * (len(ids) - first)
@@ -403,10 +424,12 @@ class Encoder:
         item: dict[str, Any] = {"input_ids": torch.tensor(ids, dtype=torch.long)}
         if labels is not None:
             item["labels"] = torch.tensor(labels, dtype=torch.long)
-        if images:
-            item.update(self.pixel_inputs(images))
+        image_inputs = self.pixel_inputs(images) if images else None
+        item.update(image_inputs or {})
         if self.token_types:
-            item[self.token_types] = torch.tensor(self.token_type_ids(ids, labels), dtype=torch.long)
+            types = self.token_type_ids(ids, labels, image_inputs)
+            if types is not None:
+                item[self.token_types] = torch.as_tensor(types, dtype=torch.long)
         return item
 
     def collator(self, padding_side: str = "right") -> LlavaCollator:
@@ -533,8 +556,9 @@ class LlavaDataset(torch.utils.data.Dataset):
         return self.encoder.features(s.input_ids, s.labels, images)
 
 
-# Per-token inputs some families need next to input_ids (padded like them, with 0).
-TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
+# Per-token inputs some families need next to input_ids (padded like them, with 0; Mllama's cross_attention_mask has
+# two more dimensions, images and tiles, zero-padded to the batch's largest).
+TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids", "cross_attention_mask")
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -555,8 +579,9 @@ def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-# How per-sample tensors other than the token ones become a batch, by rule name (a family's ``collate`` entry).
-COLLATE_RULES = {"cat": _cat, "pad_cat": _pad_cat}
+# How per-sample tensors other than the token ones become a batch, by rule name (a family's ``collate`` entry);
+# '..._per_sample': one row per sample, zeros for a sample without it (see LlavaCollator).
+COLLATE_RULES = {"cat": _cat, "pad_cat": _pad_cat, "pad_cat_per_sample": _pad_cat}
 
 
 class LlavaCollator:
@@ -591,8 +616,12 @@ class LlavaCollator:
         attention = torch.zeros((B, n), dtype=torch.long)
         has_labels = "labels" in features[0]
         labels = torch.full((B, n), IGNORE_INDEX, dtype=torch.long)
-        token_keys = [k for k in TOKEN_KEYS if k in features[0]]
-        types = {k: torch.zeros((B, n), dtype=torch.long) for k in token_keys}
+        token_keys = [k for k in TOKEN_KEYS if any(k in f for f in features)]
+        types = {}
+        for k in token_keys:
+            present = [f[k] for f in features if k in f]
+            extra = [max(t.shape[d] for t in present) for d in range(1, present[0].dim())]
+            types[k] = torch.zeros((B, n, *extra), dtype=torch.long)
         for b, f in enumerate(features):
             L = len(f["input_ids"])
             sl = slice(0, L) if self.padding_side == "right" else slice(n - L, n)
@@ -601,7 +630,8 @@ class LlavaCollator:
             if has_labels:
                 labels[b, sl] = f["labels"]
             for k in token_keys:
-                types[k][b, sl] = f[k]
+                if k in f:  # (absent: a text-only sample of a family whose rule needs images; zeros, no image)
+                    types[k][(b, sl, *(slice(0, d) for d in f[k].shape[1:]))] = f[k]
         batch = {"input_ids": input_ids, "attention_mask": attention, **types}
         if has_labels:
             batch["labels"] = labels
@@ -612,6 +642,10 @@ class LlavaCollator:
         keys = dict.fromkeys(k for f in features for k in f if k not in ("input_ids", "labels", *token_keys))
         for key in keys:
             values = [f[key] for f in features if f.get(key) is not None]
+            if values and rules.get(key, "cat").endswith("_per_sample"):
+                # one row per sample (Mllama: (batch, images, tiles, ...)); a sample without images gets zeros,
+                # as the processor pads a sample with fewer images
+                values = [f[key] if f.get(key) is not None else torch.zeros_like(values[0]) for f in features]
             if values:
                 batch[key] = COLLATE_RULES[rules.get(key, "cat")](values)
         return batch

@@ -350,6 +350,50 @@ def _mistral3(texts: Iterable[str]):
     return model, processor
 
 
+# ---------------------------------------------------------------------------------------------- Mllama
+
+MLLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                   "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>", "<|image|>"]
+# the header the template writes for text-only conversations, so that it tokenizes compactly
+MLLAMA_TEXT = "system user assistant Cutting Knowledge Date: December 2023 Today Date: "
+
+
+def _mllama(texts: Iterable[str]):
+    """Mllama (Llama 3.2 Vision): one <|image|> token per image in the text; the image, cut into up to 4 tiles of
+    32 pixels (aspect_ratio_ids / aspect_ratio_mask), enters through a cross-attention layer of the language model,
+    each token attending to the tiles its cross_attention_mask names; Llama 3 turns ending with <|eot_id|>."""
+    import transformers
+
+    tokenizer = bpe_tokenizer(list(texts) + [MLLAMA_TEXT], MLLAMA_SPECIALS, bos="<|begin_of_text|>", add_bos=True,
+                              eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>", image_token="<|image|>")
+    tokenizer.chat_template = chat_template("mllama")
+    image_processor = transformers.MllamaImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                                        max_image_tiles=4)
+    processor = transformers.MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                             chat_template=tokenizer.chat_template)
+    bos, eot, end, pad, image = _ids(tokenizer, "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>",
+                                     "<|finetune_right_pad_id|>", "<|image|>")
+    # layer 0 self-attention, layer 1 cross-attention to the image (the released model: every 5th layer)
+    text = dict(TEXT, vocab_size=len(tokenizer), cross_attention_layers=[1], bos_token_id=bos,
+                eos_token_id=[end, eot], pad_token_id=pad)
+    text.pop("max_position_embeddings")
+    vision = dict(hidden_size=VISION["hidden_size"], intermediate_size=VISION["intermediate_size"],
+                  num_hidden_layers=2, num_global_layers=1, attention_heads=VISION["num_attention_heads"],
+                  image_size=IMAGE_SIZE, patch_size=PATCH, max_num_tiles=4, intermediate_layers_indices=[0],
+                  vision_output_dim=2 * VISION["hidden_size"])
+    config = transformers.MllamaConfig(vision_config=vision, text_config=text, image_token_index=image)
+    model = transformers.MllamaForConditionalGeneration(config)
+    # transformers initialises the cross-attention layers' tanh gates to zero (a pretrained checkpoint overwrites
+    # them): the image would reach the language model as nothing at all, and the projector would get no gradient.
+    import torch
+
+    for name, p in model.named_parameters():
+        if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+            torch.nn.init.constant_(p, 1.0)
+    _generation(model, eos=[end, eot], pad=pad, bos=bos)
+    return model, processor
+
+
 def _generation(model, eos: list[int], pad: int, bos: int | None) -> None:
     """Generation settings as the released checkpoints' generation_config.json has them: stop at the end of a turn."""
     gen = model.generation_config
@@ -369,6 +413,7 @@ BUILDERS: dict[str, Callable[[Iterable[str]], tuple[Any, Any]]] = {
     "smolvlm": _idefics3("smolvlm"),
     "internvl": _internvl,
     "mistral3": _mistral3,
+    "mllama": _mllama,
 }
 
 

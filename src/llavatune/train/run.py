@@ -590,6 +590,10 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     dtype = loader.resolve_dtype(margs.dtype, targs.use_cpu)
     quant = None
     fam = loader.check_family(loader.check_model_ref(base_ref), "--model", margs.trust_remote_code)
+    if mthd.zero and "zero3" in str(mthd.zero) and fam is not None and not fam.zero3:
+        # text-only batches under ZeRO-3 run the vision tower on a blank image through get_image_features, which the
+        # family's model does not have (Mllama's image enters through cross-attention)
+        raise ConfigError(f"--zero {mthd.zero}: {fam.name} does not run under ZeRO-3 here; use --zero zero2")
     if mthd.stage == "finetune" and mthd.method == "qlora":
         cdtype = dtype if mthd.bnb_4bit_compute_dtype == "auto" else loader.resolve_dtype(mthd.bnb_4bit_compute_dtype)
         quant = loader.quantization_kwargs(mthd.bits, mthd.bnb_4bit_quant_type, mthd.bnb_4bit_use_double_quant, cdtype,
