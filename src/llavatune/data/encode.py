@@ -599,6 +599,9 @@ class LlavaCollator:
       channels x temporal_patch x patch x patch): every image's patches one after the other.
     - ``image_sizes`` (sum n_images_i, 2): LLaVA-NeXT/OneVision, each image's (height, width).
     - ``image_grid_thw`` (sum n_images_i, 3): Qwen-VL, each image's (frames, rows, columns) of patches.
+    - Mllama: ``pixel_values`` (B, max n_images, max tiles, 3, H, W), ``aspect_ratio_ids`` (B, max n_images),
+      ``aspect_ratio_mask`` (B, max n_images, max tiles): one row per sample ('pad_cat_per_sample', zeros for a
+      text-only sample), and ``cross_attention_mask`` (B, L, max n_images, max tiles), padded like the tokens.
 
     Keys are concatenated over the samples ('cat') unless ``rules`` (a family's ``collate``) name another rule of
     ``COLLATE_RULES``. ``padding_side`` is "right" for training, "left" for batched generation.
