@@ -23,7 +23,7 @@ from llavatune.data.encode import Encoder, LlavaCollator, LlavaDataset
 from llavatune.data.records import Record, image_root, load_records, normalize_image_placement
 from llavatune.data.show import first_sample
 from llavatune.train.train_config import DataArgs, EvalArgs, LlavaTrainingArguments, MethodArgs, ModelArgs
-from llavatune.utils import UserError, finish_distributed, prepare_output_dir
+from llavatune.utils import UserError, finish_distributed, prepare_output_dir, resolve_under
 
 logger = logging.getLogger("llavatune")
 CONFIG_FILE = "llavatune_config.yaml"
@@ -87,13 +87,25 @@ def zero3_init_disabled():
         hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
-def build_base(margs: ModelArgs, mthd: MethodArgs, base_dir: Path, texts: list[str]) -> None:
-    """Write the starting llava-hf model for --model tiny, --model compose or --smoke into ``base_dir``."""
+def build_base(margs: ModelArgs, mthd: MethodArgs, base_dir: Path, texts: list[str],
+               records: list[Record] = (), roots: list[Path] = (), template: str = "auto") -> None:
+    """Write the starting llava-hf model for --model tiny, --model compose or --smoke into ``base_dir``.
+
+    The tiny model is warm-started on the training ``records`` (text rendered with ``template``; images,
+    under ``roots``, on their own): see ``llavatune.model.tiny.build_tiny``."""
     from llavatune.model import loader
     from llavatune.model.tiny import build_smoke, build_tiny
 
     if margs.model in ("tiny", "tiny-next"):
-        build_tiny(texts, base_dir, next=margs.model == "tiny-next")
+        images = []
+        for r, root in zip(records, roots):
+            for p in r.images:
+                try:
+                    images.append(resolve_under(root, p))
+                except UserError:  # an escaping path: the dataset reports it; the warm start does without
+                    pass
+        build_tiny(texts, base_dir, next=margs.model == "tiny-next", conversations=[r.conversations for r in records],
+                   template="plain" if mthd.stage == "pretrain" else template, images=images)
     elif mthd.smoke:
         build_smoke(margs.language_model if margs.model == "compose" else margs.model, base_dir)
     else:
@@ -192,7 +204,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
             # resuming reuses the very same base (and tokenizer)
             if targs.process_index == 0 and not (base_dir / "config.json").is_file():
                 with zero3_init_disabled():
-                    build_base(margs, mthd, base_dir, texts)
+                    build_base(margs, mthd, base_dir, texts, train_records, train_roots, dargs.template)
         base_ref = str(base_dir.resolve())
     else:
         base_ref = margs.model
