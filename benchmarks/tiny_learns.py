@@ -10,7 +10,9 @@ VQA metric), then runs the README's command through the real CLI in a fresh proc
     llavatune train --model tiny --data TRAIN/data.json --val_data VAL/data.json --output_dir RUN --num_train_epochs 3
 
 (default method LoRA, lr 2e-4, batch 8) and reads the final VQA accuracy on the validation set from
-``RUN/metrics.jsonl`` (generation, not teacher forcing; chance is 10 %). Sources:
+``RUN/metrics.jsonl`` (generation, not teacher forcing; chance is 10 %). ``--cold`` adds the same runs from
+the all-random tiny model (``build_tiny(warm_start=False)``, what ``--model tiny`` was before its warm
+starts) for the "before" figures. Sources:
 
 - ``sklearn``: scikit-learn's bundled handwritten digits (1,797 images of 8x8, 16 grey levels, UCI
   "optdigits"), laid out as MNIST is (scaled into a 20x20 box, centre of mass at the centre of a 28x28 grey
@@ -185,8 +187,21 @@ def _cli(argv: list[str], log: Path | None = None) -> float:
     return time.perf_counter() - t
 
 
-def train_once(data: dict[str, Path], run: Path, seed: int, extra: list[str]) -> dict:
-    argv = ["train", "--model", "tiny", "--data", str(data["train"]), "--val_data", str(data["val"]),
+def cold_base(data: dict[str, Path], out: Path) -> Path:
+    """The tiny model as it was before warm starts (``build_tiny(warm_start=False)``: all weights random), for
+    the 'before' rows: the same command with ``--model`` pointing at it (what ``--model tiny`` built)."""
+    from llavatune.data.records import load_records
+    from llavatune.model import loader
+    from llavatune.model.tiny import build_tiny
+
+    if not (out / "config.json").is_file():
+        records = load_records(str(data["train"])) + load_records(str(data["val"]))
+        build_tiny(loader.collect_texts(records), out, warm_start=False)
+    return out
+
+
+def train_once(data: dict[str, Path], run: Path, seed: int, extra: list[str], model: str = "tiny") -> dict:
+    argv = ["train", "--model", model, "--data", str(data["train"]), "--val_data", str(data["val"]),
             "--output_dir", str(run), "--num_train_epochs", "3", "--seed", str(seed), "--report_to", "none",
             "--overwrite", *extra]
     run.parent.mkdir(parents=True, exist_ok=True)
@@ -228,6 +243,8 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=200, help="validation images (VQA accuracy on all of them)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (model, order)")
     ap.add_argument("--extra", default="", help="extra train flags, e.g. '--lora_modules_to_save lm_head'")
+    ap.add_argument("--cold", action="store_true",
+                    help="also run each setting from the all-random tiny model (no warm starts): the 'before' figures")
     ap.add_argument("--build-repeats", type=int, default=3, help="repetitions of the build_tiny timing (0: skip)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "llavatune-bench" / "digits")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/tiny_learns.json)")
@@ -239,19 +256,26 @@ def main() -> None:
         for n in args.train:
             data = make_digits(args.work / f"{source}-{n}-{args.val}", source, n, args.val, mnist=args.mnist)
             for seed in args.seeds:
-                run = args.work / "runs" / f"{source}-{n}-seed{seed}"
-                r = {"source": source, "train_images": n, "val_images": args.val,
-                     **train_once(data, run, seed, args.extra.split())}
-                print(f"{source:8s} train={n:5d} seed={seed}: VQA accuracy per epoch {r['vqa_accuracy_per_epoch']}, "
-                      f"loss {r['first_loss']:.2f} -> {r['last_loss']:.2f}, {r['train_wall_s']:.0f} s", flush=True)
-                results.append(r)
+                for model in ("tiny", "cold") if args.cold else ("tiny",):
+                    run = args.work / "runs" / f"{source}-{n}-seed{seed}-{model}"
+                    ref = "tiny" if model == "tiny" else str(cold_base(data, data["train"].parents[2] / "cold-base"))
+                    r = {"source": source, "train_images": n, "val_images": args.val, "model": model,
+                         **train_once(data, run, seed, args.extra.split(), ref)}
+                    print(f"{source:8s} train={n:5d} seed={seed} {model}: VQA accuracy per epoch "
+                          f"{r['vqa_accuracy_per_epoch']}, loss {r['first_loss']:.2f} -> {r['last_loss']:.2f}, "
+                          f"{r['train_wall_s']:.0f} s", flush=True)
+                    results.append(r)
+                    write_result("tiny_learns", {"partial": True, "results": results}, args.out)  # kept if cut short
     summary = {}
     for source in args.sources:
         for n in args.train:
-            accs = [r["final_vqa_accuracy"] for r in results if r["source"] == source and r["train_images"] == n]
-            summary[f"{source}-{n}"] = {"median": statistics.median(accs), "min": min(accs), "max": max(accs)}
-            print(f"{source}-{n}: final VQA accuracy median {statistics.median(accs):.1f} "
-                  f"(min {min(accs):.1f}, max {max(accs):.1f}) over seeds {args.seeds}")
+            for model in ("tiny", "cold") if args.cold else ("tiny",):
+                accs = [r["final_vqa_accuracy"] for r in results
+                        if r["source"] == source and r["train_images"] == n and r["model"] == model]
+                key = f"{source}-{n}" + ("" if model == "tiny" else "-cold")
+                summary[key] = {"median": statistics.median(accs), "min": min(accs), "max": max(accs)}
+                print(f"{key}: final VQA accuracy median {statistics.median(accs):.1f} "
+                      f"(min {min(accs):.1f}, max {max(accs):.1f}) over seeds {args.seeds}")
     build = None
     if args.build_repeats:
         first = make_digits(args.work / f"{args.sources[0]}-{args.train[0]}-{args.val}", args.sources[0],

@@ -98,9 +98,11 @@ def demo(cfg: DemoConfig) -> dict:
 
     # Model: a tiny random LLaVA (CLIP vision + Llama), tokenizer trained on the data's text
     print("\n[3/7] building a tiny random LLaVA (CLIP-vision + Llama, 2 layers each)")
-    texts = collect_texts(load_records(train_json) + load_records(src["train_captions"]))
-    build_tiny(texts, out / "base", image_size=32, patch_size=8, hidden_size=128, vision_hidden_size=64,
-               seed=cfg.seed)
+    records = load_records(train_json) + load_records(src["train_captions"])
+    images = sorted({train_json.parent / p for r in load_records(train_json) for p in r.images})
+    # warm-started like a pretrained LLaVA: its LM on the data's text, its vision tower on the images alone
+    build_tiny(collect_texts(records), out / "base", image_size=32, patch_size=8, hidden_size=128,
+               vision_hidden_size=64, seed=cfg.seed, conversations=[r.conversations for r in records], images=images)
 
     # Stage 1: projector alignment on captions
     print("\n[4/7] stage 1: projector pretraining on captions")
