@@ -50,7 +50,7 @@ def warm_start(
     texts: Sequence[str],
     steps: int = 300,
     batch_size: int = 16,
-    learning_rate: float = 1e-2,
+    learning_rate: float = 3e-3,
     max_length: int = 256,
     seed: int = 0,
 ) -> WarmStartStats | None:
