@@ -120,7 +120,7 @@ def demo(cfg: DemoConfig) -> dict:
     _run(["train", "--model", str(out / "stage1"), "--data", str(train_json), "--val_data", str(val_json),
           "--output_dir", str(stage2), "--method", "lora", "--lora_r", "64", "--lora_alpha", "64",
           "--lora_dropout", "0", "--learning_rate", "1e-3", "--projector_lr", "1e-3",
-          # a random tiny LLM has no useful output head: train it fully next to the adapter
+          # the output head trains fully next to the adapter: this demo's schedule is short
           "--lora_modules_to_save", "lm_head",
           "--num_train_epochs", str(cfg.epochs), "--per_device_train_batch_size", "16", "--save_total_limit", "2",
           "--eval_max_samples", "0", "--eval_max_new_tokens", "6", "--eval_on_start", "true", *common])
