@@ -1,6 +1,6 @@
 """Does ``--model tiny`` learn? A 10-class digit VQA task through the documented command.
 
-    pip install scikit-learn   # benchmark-only: its bundled 8x8 handwritten digits (no download)
+    pip install "llavatune[digits]"   # scikit-learn, for its bundled 8x8 handwritten digits (no download)
     python benchmarks/tiny_learns.py [--sources sklearn fonts] [--train 1000 1500] [--seeds 0 1 2] [--work DIR]
 
 For each digit source, training-set size and seed it builds a digit set offline, converts it with
@@ -10,9 +10,9 @@ VQA metric), then runs the README's command through the real CLI in a fresh proc
     llavatune train --model tiny --data TRAIN/data.json --val_data VAL/data.json --output_dir RUN --num_train_epochs 3
 
 (default method LoRA, lr 2e-4, batch 8) and reads the final VQA accuracy on the validation set from
-``RUN/metrics.jsonl`` (generation, not teacher forcing; chance is 10 %). ``--cold`` adds the same runs from
-the all-random tiny model (``build_tiny(warm_start=False)``, what ``--model tiny`` was before its warm
-starts) for the "before" figures. Sources:
+``RUN/metrics.jsonl`` (generation, not teacher forcing; chance is 10 %). ``--models before`` runs the same
+command from the tiny model as it was before its warm starts (all random, vision width 32), ``cold`` from an
+all-random one at today's widths. Sources:
 
 - ``sklearn``: scikit-learn's bundled handwritten digits (1,797 images of 8x8, 16 grey levels, UCI
   "optdigits"), laid out as MNIST is (scaled into a 20x20 box, centre of mass at the centre of a 28x28 grey
@@ -187,16 +187,17 @@ def _cli(argv: list[str], log: Path | None = None) -> float:
     return time.perf_counter() - t
 
 
-def cold_base(data: dict[str, Path], out: Path) -> Path:
-    """The tiny model as it was before warm starts (``build_tiny(warm_start=False)``: all weights random), for
-    the 'before' rows: the same command with ``--model`` pointing at it (what ``--model tiny`` built)."""
+def cold_base(data: dict[str, Path], out: Path, vision_hidden_size: int) -> Path:
+    """An all-random tiny model (``build_tiny(warm_start=False)``) for the 'before' rows: the same command with
+    ``--model`` pointing at it. ``vision_hidden_size`` 32 is exactly what ``--model tiny`` built before its warm
+    starts (``before``); 64 is today's width without the warm starts (``cold``)."""
     from llavatune.data.records import load_records
     from llavatune.model import loader
     from llavatune.model.tiny import build_tiny
 
     if not (out / "config.json").is_file():
         records = load_records(str(data["train"])) + load_records(str(data["val"]))
-        build_tiny(loader.collect_texts(records), out, warm_start=False)
+        build_tiny(loader.collect_texts(records), out, warm_start=False, vision_hidden_size=vision_hidden_size)
     return out
 
 
@@ -243,22 +244,27 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=200, help="validation images (VQA accuracy on all of them)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (model, order)")
     ap.add_argument("--extra", default="", help="extra train flags, e.g. '--lora_modules_to_save lm_head'")
-    ap.add_argument("--cold", action="store_true",
-                    help="also run each setting from the all-random tiny model (no warm starts): the 'before' figures")
+    ap.add_argument("--models", nargs="+", default=["tiny"], choices=["tiny", "before", "cold"],
+                    help="tiny: --model tiny; before: the tiny model as it was (all random, vision width 32); "
+                         "cold: all random at today's widths")
+    ap.add_argument("--cold", action="store_true", help="same as --models tiny cold")
     ap.add_argument("--build-repeats", type=int, default=3, help="repetitions of the build_tiny timing (0: skip)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "llavatune-bench" / "digits")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/tiny_learns.json)")
     args = ap.parse_args()
 
     t0 = time.time()
+    models = ["tiny", "cold"] if args.cold else args.models
     results = []
     for source in args.sources:
         for n in args.train:
             data = make_digits(args.work / f"{source}-{n}-{args.val}", source, n, args.val, mnist=args.mnist)
             for seed in args.seeds:
-                for model in ("tiny", "cold") if args.cold else ("tiny",):
+                for model in models:
                     run = args.work / "runs" / f"{source}-{n}-seed{seed}-{model}"
-                    ref = "tiny" if model == "tiny" else str(cold_base(data, data["train"].parents[2] / "cold-base"))
+                    width = {"before": 32, "cold": 64}.get(model)
+                    ref = "tiny" if model == "tiny" else str(cold_base(data, data["train"].parents[2] / f"{model}-base",
+                                                                      width))
                     r = {"source": source, "train_images": n, "val_images": args.val, "model": model,
                          **train_once(data, run, seed, args.extra.split(), ref)}
                     print(f"{source:8s} train={n:5d} seed={seed} {model}: VQA accuracy per epoch "
@@ -269,10 +275,10 @@ def main() -> None:
     summary = {}
     for source in args.sources:
         for n in args.train:
-            for model in ("tiny", "cold") if args.cold else ("tiny",):
+            for model in models:
                 accs = [r["final_vqa_accuracy"] for r in results
                         if r["source"] == source and r["train_images"] == n and r["model"] == model]
-                key = f"{source}-{n}" + ("" if model == "tiny" else "-cold")
+                key = f"{source}-{n}" + ("" if model == "tiny" else f"-{model}")
                 summary[key] = {"median": statistics.median(accs), "min": min(accs), "max": max(accs)}
                 print(f"{key}: final VQA accuracy median {statistics.median(accs):.1f} "
                       f"(min {min(accs):.1f}, max {max(accs):.1f}) over seeds {args.seeds}")
