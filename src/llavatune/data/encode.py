@@ -195,7 +195,6 @@ class Encoder:
         key = (int(h), int(w))
         if key not in self._expansions:
             from PIL import Image
-
             from transformers import ProcessorMixin
 
             blank = Image.new("RGB", (key[1], key[0]))

@@ -21,9 +21,9 @@ class ModelArgs:
     model: str = "tiny"
     """What to train: a hub id or local folder of a supported family (llava-hf/llava-1.5-7b-hf,
     llava-hf/llava-v1.6-mistral-7b-hf, Qwen/Qwen2.5-VL-7B-Instruct, google/gemma-3-4b-it, ...; docs/models.md lists
-    them), a built-in tiny model ('tiny' LLaVA-1.5, 'tiny-next', 'tiny-llava_onevision', 'tiny-paligemma',
-    'tiny-qwen2_vl', 'tiny-qwen2_5_vl', 'tiny-qwen3_vl', 'tiny-gemma3'), or 'compose' to build a new LLaVA from
-    --vision_model and --language_model."""
+    them), a built-in tiny model ('tiny' LLaVA-1.5, warm-started on the data's text and images like a pretrained one;
+    'tiny-next'; 'tiny-<family>' for the other families, e.g. 'tiny-qwen2_5_vl', 'tiny-gemma3': docs/models.md), or
+    'compose' to build a new LLaVA from --vision_model and --language_model."""
     vision_model: Optional[str] = None
     """With --model compose: the vision encoder (CLIP or SigLIP; hub id or local path), e.g.
     openai/clip-vit-large-patch14-336."""
