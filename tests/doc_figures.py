@@ -138,7 +138,7 @@ FIGURES: list[Figure] = [
              recipe_memory, count=n, what="recipe memory claim")
       for name, n in (("llava15_7b_okvqa_qlora", 1), ("llava15_7b_okvqa_lora", 2), ("llava15_7b_okvqa_full", 1),
                       ("qwen2_5_vl_7b_okvqa_qlora", 1), ("qwen2_5_vl_3b_okvqa_qlora_12gb", 1),
-                      ("gemma3_4b_okvqa_qlora", 1))],
+                      ("gemma3_4b_okvqa_qlora", 1), ("smolvlm_256m_okvqa_lora_8gb", 1))],
     # ---- docs/memory.md: the worked example is the command's output
     Figure("docs/memory.md", r"```text\n\$ (?P<cmd>llavatune plan [^\n]+)\n(?P<fig>.*?)\n```",
            lambda m: run_plan(m["cmd"])[2], what="worked example"),
