@@ -26,6 +26,11 @@ CPU_MODEL = dict(image_size=224, patch_size=16, hidden_size=512, vision_hidden_s
 # learn the shapes task on a CPU in minutes.
 SMALL_MODEL = dict(image_size=32, patch_size=8, hidden_size=128, vision_hidden_size=64)
 
+# The demo's model at 112 px (8 px patches -> 196 image tokens, as many as the CPU model): small enough to learn the
+# shapes task on a CPU, with the image taking as large a share of each sample as in the CPU model, so that grouping
+# questions by image saves about as much (the equal-budget comparison of train_grouped.py).
+SMALL196_MODEL = dict(SMALL_MODEL, image_size=112)
+
 # --device cuda: LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px -> 576 image tokens, Llama-2-7B / Vicuna-7B,
 # vocabulary 32064), random weights in bf16.
 LLAVA15_7B = {
@@ -228,7 +233,7 @@ def build_model(work: Path, kind: str, data_json: Path) -> Path:
     """A benchmark model, saved once as a llava-hf folder (with processor) under ``work``; returns the folder.
 
     ``tiny``: ``build_tiny``'s own shapes (32 px, 16 image tokens; for ``gpu_suite.py --dry-run``). ``small``:
-    :data:`SMALL_MODEL` (the demo's). ``cpu``:
+    :data:`SMALL_MODEL` (the demo's); ``small196``: :data:`SMALL196_MODEL` (the demo's at 196 image tokens). ``cpu``:
     ``build_tiny`` with :data:`CPU_MODEL` (fp32, ~20M parameters). ``1b``: :data:`LLAVA_1B`, ``7b``:
     :data:`LLAVA15_7B` -- random weights saved in bf16, with the tiny model's processor and tokenizer (trained
     on the data's text, image size and patch size of the config); the embedding is sized like the real
@@ -238,15 +243,16 @@ def build_model(work: Path, kind: str, data_json: Path) -> Path:
     from llavatune.model.tiny import build_tiny
 
     names = {"cpu": "model-cpu-" + "-".join(str(v) for v in CPU_MODEL.values()), "tiny": "model-tiny",
-             "small": "model-small-" + "-".join(str(v) for v in SMALL_MODEL.values())}
+             "small": "model-small-" + "-".join(str(v) for v in SMALL_MODEL.values()),
+             "small196": "model-small-" + "-".join(str(v) for v in SMALL196_MODEL.values())}
     name = names.get(kind, f"model-llava-{kind}-random")
     out = work / name
     if (out / "config.json").is_file():
         return out
     texts = collect_texts(load_records(str(data_json)))
     t = time.perf_counter()
-    if kind in ("cpu", "tiny", "small"):
-        build_tiny(texts, out, **{"cpu": CPU_MODEL, "small": SMALL_MODEL, "tiny": {}}[kind])
+    if kind in ("cpu", "tiny", "small", "small196"):
+        build_tiny(texts, out, **{"cpu": CPU_MODEL, "small": SMALL_MODEL, "small196": SMALL196_MODEL, "tiny": {}}[kind])
     else:
         import torch
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
