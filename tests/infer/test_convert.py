@@ -148,7 +148,7 @@ def full_original(tmp_path_factory):
     from llavatune.model.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("orig_full")
-    model, processor = build_tiny(TEXTS, root / "source_hf")
+    model, processor = build_tiny(TEXTS, root / "source_hf", vision_hidden_size=32)  # original_config: mm_hidden_size 32
     model.eval()
     src = root / "llava-v1.5-tiny"
     src.mkdir()

@@ -173,9 +173,10 @@ def test_predict_prints_bare_answer_and_guards_out(ckpts, images, tmp_path, caps
     args = ["predict", "--model", model, "--image", str(images["red"]), "--question", QUESTIONS[0],
             "--max_new_tokens", "6"]
     assert cli_main(args) == 0
-    bare = capsys.readouterr().out.rstrip("\n").splitlines()[-1]
+    bare = capsys.readouterr().out.rstrip("\n")
     assert cli_main(args + ["--json"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["answer"] == bare.strip()
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["answer"].strip()
+    assert answer and bare.endswith(answer)  # the answer as it is (it may span lines), nothing after it
     (tmp_path / "in.jsonl").write_text(json.dumps({"image": str(images["red"].name), "question": "q"}) + "\n")
     out = tmp_path / "o.jsonl"
     out.write_text("keep me")
@@ -329,10 +330,14 @@ for d in req["models"]:
         prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
         inputs = proc(text=prompt, images=Image.open(img).convert("RGB"), return_tensors="pt")
         with torch.no_grad():
-            gen = model.generate(**inputs, max_new_tokens=req["max_new_tokens"], do_sample=False)
-        new = gen[0, inputs["input_ids"].shape[1]:]
-        rows.append({"prompt": prompt, "prompt_ids": inputs["input_ids"][0].tolist(),
-                     "answer": proc.tokenizer.decode(new, skip_special_tokens=True).strip()})
+            gen = model.generate(**inputs, max_new_tokens=req["max_new_tokens"], do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+        new = gen.sequences[0, inputs["input_ids"].shape[1]:]
+        # per step: the top-2 logit gap, and how many answer characters the tokens so far make
+        margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in gen.scores]
+        ends = [len(proc.tokenizer.decode(new[:k + 1], skip_special_tokens=True).strip()) for k in range(len(new))]
+        rows.append({"prompt": prompt, "prompt_ids": inputs["input_ids"][0].tolist(), "margins": margins,
+                     "ends": ends, "answer": proc.tokenizer.decode(new, skip_special_tokens=True).strip()})
     out[d] = {"rows": rows, "dtype": str(model.dtype)}
 out["llavatune_modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "llavatune")
 print(json.dumps(out))
@@ -371,6 +376,17 @@ def base_answers(ckpts, stock_answers):
     return answers_of(load_predictor(str(ckpts["llava-hf"])), [(Path(img), q) for img, q in queries])
 
 
+def same_up_to_a_tie(row: dict, answer: str, tie: float = 1e-3) -> bool:
+    """The stock greedy answer equals llavatune's, or they part where the stock model's top two logits are within
+    ``tie`` (merged weights W + BA and the adapter's W x + B(A x) round differently, ~1e-6: greedy decoding may
+    pick either of two tied tokens; a wrong merge moves logits by far more than that)."""
+    if row["answer"] == answer:
+        return True
+    common = len(os.path.commonprefix([row["answer"], answer]))
+    step = next((k for k, n in enumerate(row["ends"]) if n > common), len(row["ends"]) - 1)
+    return row["margins"][step] < tie
+
+
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
 def test_merged_model_round_trips_through_stock_transformers(kind, ckpts, merged, stock_answers, base_answers):
     from llavatune.infer.predict import load_predictor, question_turns
@@ -396,7 +412,8 @@ def test_merged_model_round_trips_through_stock_transformers(kind, ckpts, merged
             "the chat template and the Encoder build the same prompt"
         assert row["prompt"] == f"USER: <image>\n{q} ASSISTANT:"
     want = answers_of(unmerged, pairs)
-    assert [r["answer"] for r in rows] == want
+    for row, answer in zip(rows, want):
+        assert same_up_to_a_tie(row, answer), (row["answer"], answer)
     assert any(want), "some answer is non-empty"
     assert base_answers != want, "the adapter must change the answers for this test to mean anything"
     # llavatune loads the merged model too, with the same answers

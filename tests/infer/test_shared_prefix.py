@@ -66,8 +66,9 @@ def workload(pictures: list[Path], seed: int = 0) -> list[Query]:
 
 @pytest.fixture(scope="module", params=["llava", "llava-next"])
 def tiny(request):
+    # random weights (no warm start): varied answers, so that a wrong shared prefix shows up as a different one
     model, processor = build_tiny(QUESTIONS + ["red green blue left right top bottom circle square"],
-                                  next=request.param == "llava-next")
+                                  next=request.param == "llava-next", warm_start=False)
     return model.eval(), Encoder(processor)
 
 

@@ -55,6 +55,7 @@ from llavatune.utils import (
     finish_distributed,
     output_kind,
     prepare_output_dir,
+    resolve_under,
 )
 from llavatune.zero import deepspeed_config, zero_settings
 
@@ -197,13 +198,25 @@ def one_process_world() -> None:
                 "accelerate launch or deepspeed for several)")
 
 
-def build_base(margs: ModelArgs, mthd: MethodArgs, base_dir: Path, texts: list[str], template: str = "auto") -> None:
-    """Write the starting llava-hf model for --model tiny, --model compose or --smoke into ``base_dir``."""
+def build_base(margs: ModelArgs, mthd: MethodArgs, base_dir: Path, texts: list[str],
+               records: list[Record] = (), roots: list[Path] = (), template: str = "auto") -> None:
+    """Write the starting llava-hf model for --model tiny, --model compose or --smoke into ``base_dir``.
+
+    The tiny model is warm-started on the training ``records`` (text rendered with ``template``, the one training
+    uses: 'plain' in stage 1; images, under ``roots``, on their own): see ``llavatune.model.tiny.build_tiny``."""
     from llavatune.model import loader
     from llavatune.model.tiny import build_tiny
 
     if margs.model in ("tiny", "tiny-next"):
-        build_tiny(texts, base_dir, next=margs.model == "tiny-next")
+        images = []
+        for r, root in zip(records, roots):
+            for p in r.images:
+                try:
+                    images.append(resolve_under(root, p))
+                except UserError:  # an escaping path: the dataset reports it; the warm start does without
+                    pass
+        build_tiny(texts, base_dir, next=margs.model == "tiny-next", conversations=[r.conversations for r in records],
+                   template=template, images=images)
     elif mthd.smoke:
         build_smoke_base(margs, base_dir, texts, template)
     else:
@@ -563,7 +576,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
             # resuming reuses the very same base (and tokenizer)
             if targs.process_index == 0 and not (base_dir / "config.json").is_file():
                 with deepspeed_zero3_init_disabled():
-                    build_base(margs, mthd, base_dir, texts, template)
+                    build_base(margs, mthd, base_dir, texts, train_records, train_roots, template)
         base_ref = str(base_dir.resolve())
     else:
         base_ref = margs.model

@@ -19,7 +19,8 @@ from llavatune.data.templates import TemplateName
 @config
 class ModelArgs:
     model: str = "tiny"
-    """What to train: 'tiny' (built-in tiny random LLaVA; 'tiny-next' for LLaVA-NeXT), a llava-hf hub id
+    """What to train: 'tiny' (built-in tiny LLaVA, warm-started on the data's text and images like a pretrained
+    one; 'tiny-next' for LLaVA-NeXT), a llava-hf hub id
     (llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-mistral-7b-hf), a local llava-hf directory, or 'compose' to build a
     new LLaVA from --vision_model and --language_model."""
     vision_model: Optional[str] = None
