@@ -229,7 +229,7 @@ def shapes_data(work: Path, n_images: int, questions_per_image: int = 3, image_s
     return out / "data.json"
 
 
-def build_model(work: Path, kind: str, data_json: Path) -> Path:
+def build_model(work: Path, kind: str, data_json: Path, warm_start: bool = False) -> Path:
     """A benchmark model, saved once as a llava-hf folder (with processor) under ``work``; returns the folder.
 
     ``tiny``: ``build_tiny``'s own shapes (32 px, 16 image tokens; for ``gpu_suite.py --dry-run``). ``small``:
@@ -238,6 +238,11 @@ def build_model(work: Path, kind: str, data_json: Path) -> Path:
     :data:`LLAVA15_7B` -- random weights saved in bf16, with the tiny model's processor and tokenizer (trained
     on the data's text, image size and patch size of the config); the embedding is sized like the real
     model's, larger than the tokenizer, which only means unused rows.
+
+    The ``build_tiny`` kinds are all-random (``warm_start=False``) unless ``warm_start``: then ``build_tiny``'s
+    warm starts run on ``data_json``'s conversations (language model) and images (vision tower, projector), the
+    miniature of a pretrained LLaVA that the accuracy comparisons start from. The speed benchmarks keep random
+    weights: their recorded figures (and generation lengths) were measured on them.
     """
     from llavatune.data.records import collect_texts, load_records
     from llavatune.model.tiny import build_tiny
@@ -246,13 +251,25 @@ def build_model(work: Path, kind: str, data_json: Path) -> Path:
              "small": "model-small-" + "-".join(str(v) for v in SMALL_MODEL.values()),
              "small196": "model-small-" + "-".join(str(v) for v in SMALL196_MODEL.values())}
     name = names.get(kind, f"model-llava-{kind}-random")
+    if warm_start and kind in names:
+        name += "-warm"
     out = work / name
     if (out / "config.json").is_file():
         return out
-    texts = collect_texts(load_records(str(data_json)))
+    records = load_records(str(data_json))
+    texts = collect_texts(records)
     t = time.perf_counter()
     if kind in ("cpu", "tiny", "small", "small196"):
-        build_tiny(texts, out, **{"cpu": CPU_MODEL, "small": SMALL_MODEL, "small196": SMALL196_MODEL, "tiny": {}}[kind])
+        shape = {"cpu": CPU_MODEL, "small": SMALL_MODEL, "small196": SMALL196_MODEL, "tiny": {}}[kind]
+        warm = {}
+        if warm_start:
+            from llavatune.data.records import image_root
+            from llavatune.utils import resolve_under
+
+            root = image_root(data_json)
+            warm = dict(conversations=[r.conversations for r in records],
+                        images=sorted({resolve_under(root, p) for r in records for p in r.images}))
+        build_tiny(texts, out, warm_start=warm_start, **warm, **shape)
     else:
         import torch
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
