@@ -26,6 +26,11 @@ CPU_MODEL = dict(image_size=224, patch_size=16, hidden_size=512, vision_hidden_s
 # learn the shapes task on a CPU in minutes.
 SMALL_MODEL = dict(image_size=32, patch_size=8, hidden_size=128, vision_hidden_size=64)
 
+# The demo's model at 112 px (8 px patches -> 196 image tokens, as many as the CPU model): small enough to learn the
+# shapes task on a CPU, with the image taking as large a share of each sample as in the CPU model, so that grouping
+# questions by image saves about as much (the equal-budget comparison of train_grouped.py).
+SMALL196_MODEL = dict(SMALL_MODEL, image_size=112)
+
 # --device cuda: LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px -> 576 image tokens, Llama-2-7B / Vicuna-7B,
 # vocabulary 32064), random weights in bf16.
 LLAVA15_7B = {
@@ -224,29 +229,47 @@ def shapes_data(work: Path, n_images: int, questions_per_image: int = 3, image_s
     return out / "data.json"
 
 
-def build_model(work: Path, kind: str, data_json: Path) -> Path:
+def build_model(work: Path, kind: str, data_json: Path, warm_start: bool = False) -> Path:
     """A benchmark model, saved once as a llava-hf folder (with processor) under ``work``; returns the folder.
 
     ``tiny``: ``build_tiny``'s own shapes (32 px, 16 image tokens; for ``gpu_suite.py --dry-run``). ``small``:
-    :data:`SMALL_MODEL` (the demo's). ``cpu``:
+    :data:`SMALL_MODEL` (the demo's); ``small196``: :data:`SMALL196_MODEL` (the demo's at 196 image tokens). ``cpu``:
     ``build_tiny`` with :data:`CPU_MODEL` (fp32, ~20M parameters). ``1b``: :data:`LLAVA_1B`, ``7b``:
     :data:`LLAVA15_7B` -- random weights saved in bf16, with the tiny model's processor and tokenizer (trained
     on the data's text, image size and patch size of the config); the embedding is sized like the real
     model's, larger than the tokenizer, which only means unused rows.
+
+    The ``build_tiny`` kinds are all-random (``warm_start=False``) unless ``warm_start``: then ``build_tiny``'s
+    warm starts run on ``data_json``'s conversations (language model) and images (vision tower, projector), the
+    miniature of a pretrained LLaVA that the accuracy comparisons start from. The speed benchmarks keep random
+    weights: their recorded figures (and generation lengths) were measured on them.
     """
     from llavatune.data.records import collect_texts, load_records
     from llavatune.model.tiny import build_tiny
 
     names = {"cpu": "model-cpu-" + "-".join(str(v) for v in CPU_MODEL.values()), "tiny": "model-tiny",
-             "small": "model-small-" + "-".join(str(v) for v in SMALL_MODEL.values())}
+             "small": "model-small-" + "-".join(str(v) for v in SMALL_MODEL.values()),
+             "small196": "model-small-" + "-".join(str(v) for v in SMALL196_MODEL.values())}
     name = names.get(kind, f"model-llava-{kind}-random")
+    if warm_start and kind in names:
+        name += "-warm"
     out = work / name
     if (out / "config.json").is_file():
         return out
-    texts = collect_texts(load_records(str(data_json)))
+    records = load_records(str(data_json))
+    texts = collect_texts(records)
     t = time.perf_counter()
-    if kind in ("cpu", "tiny", "small"):
-        build_tiny(texts, out, **{"cpu": CPU_MODEL, "small": SMALL_MODEL, "tiny": {}}[kind])
+    if kind in ("cpu", "tiny", "small", "small196"):
+        shape = {"cpu": CPU_MODEL, "small": SMALL_MODEL, "small196": SMALL196_MODEL, "tiny": {}}[kind]
+        warm = {}
+        if warm_start:
+            from llavatune.data.records import image_root
+            from llavatune.utils import resolve_under
+
+            root = image_root(data_json)
+            warm = dict(conversations=[r.conversations for r in records],
+                        images=sorted({resolve_under(root, p) for r in records for p in r.images}))
+        build_tiny(texts, out, warm_start=warm_start, **warm, **shape)
     else:
         import torch
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration

@@ -1,6 +1,7 @@
 """Image-grouped training data: the same questions, one record per image, against one record per question.
 
     python benchmarks/train_grouped.py [--train-images 120] [--questions-per-image 5] [--batch-size 8]
+    python benchmarks/train_grouped.py --equal-budget --model small196 [--pool-images 2000] [--budget-cpu-seconds 60] [--seeds 5]
 
 Data: the synthetic shapes set in the VQAv2 layout (``--questions-per-image`` questions per image; VQAv2 has
 5.4), drawn at 224 px and converted twice by ``llavatune prepare vqav2``: as is (one record per question) and
@@ -26,7 +27,19 @@ Two measurements:
    compute the run needed, which other jobs on a shared machine do not stretch as they stretch wall time);
    ``--budget-clock wall`` counts wall time instead.
 
-Results go to ``benchmarks/results/train_grouped.json``.
+3. **Validation accuracy at an equal training budget, new data** (``--equal-budget``, what the issue means by
+   "equal wall time": the time grouping saves buys more questions, not more epochs): a pool of
+   ``--pool-images`` images (another seed), larger than either side reaches, is converted in both layouts;
+   each side makes one pass over it in its layout (the Trainer's shuffle, ``--seeds`` training seeds),
+   stopped after the optimizer step that reaches ``--budget-cpu-seconds`` CPU seconds of the training loop,
+   and both are scored on the same validation questions. Reported: questions seen by each side and the median
+   VQA accuracy over seeds. Model: ``--model small196`` (the demo's model at 112 px:
+   196 image tokens, which learns the task on a CPU), warm-started (``--init warm``: ``build_tiny``'s warm
+   starts on the tokenizer's data, neither the pool nor the validation set, the miniature of the pretrained
+   LLaVA that grouped fine-tuning is for).
+
+Results go to ``benchmarks/results/train_grouped.json`` (``train_grouped_speed.json`` with ``--speed-only``,
+``train_grouped_budget.json`` with ``--equal-budget``).
 """
 
 from __future__ import annotations
@@ -47,7 +60,11 @@ import _common as C
 GOAL_SPEEDUP = 3.0
 
 
-def train_once(a, base: Path, data: Path, out: Path, batch: int, epochs: float) -> dict[str, Any]:
+def train_once(a, base: Path, data: Path, out: Path, batch: int, epochs: float, budget: float | None = None,
+               seed: int | None = None) -> dict[str, Any]:
+    """One ``llavatune train`` run; ``budget``: stop after the optimizer step that reaches this many CPU seconds of
+    the training loop (the learning rate is constant after warmup, so stopping early is the same run as an epoch
+    over exactly the records it reached)."""
     from llavatune.config import parse_config
     from llavatune.train.run import SECTIONS, train
 
@@ -55,7 +72,8 @@ def train_once(a, base: Path, data: Path, out: Path, batch: int, epochs: float) 
             "--dtype", "float32", "--use_cpu", "true", "--method", "lora", "--lora_r", "64", "--lora_alpha", "64",
             "--lora_dropout", "0", "--lora_modules_to_save", "lm_head", "--learning_rate", str(a.lr),
             "--projector_lr", str(a.lr), "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "0.03",
-            "--per_device_train_batch_size", str(batch), "--num_train_epochs", str(epochs), "--seed", str(a.seed),
+            "--per_device_train_batch_size", str(batch), "--num_train_epochs", str(epochs),
+            "--seed", str(a.seed if seed is None else seed),
             "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--logging_steps", "5",
             "--disable_tqdm", "true", "--dataloader_num_workers", "0"]
     from transformers import TrainerCallback
@@ -65,6 +83,10 @@ def train_once(a, base: Path, data: Path, out: Path, batch: int, epochs: float) 
     class LoopClock(TrainerCallback):  # CPU seconds of the training loop alone (what train_runtime is in wall time)
         def on_train_begin(self, args, state, control, **kw):
             loop["begin"] = time.process_time()
+
+        def on_step_end(self, args, state, control, **kw):
+            if budget is not None and time.process_time() - loop["begin"] >= budget:
+                control.should_training_stop = True
 
         def on_train_end(self, args, state, control, **kw):
             loop["end"] = time.process_time()
@@ -80,23 +102,120 @@ def train_once(a, base: Path, data: Path, out: Path, batch: int, epochs: float) 
          "train_call_seconds": round(wall, 2), "train_call_cpu_seconds": round(cpu, 2),
          "optimizer_steps": trainer.state.global_step, "epochs": epochs, "batch_size": batch,
          "samples": len(trainer.train_dataset), "final_loss": round(losses[-1], 4) if losses else None,
+         "mean_loss_last_10_logs": round(sum(losses[-10:]) / len(losses[-10:]), 4) if losses else None,
          "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     del trainer
     return r
 
 
-def evaluate_run(out: Path, val: Path, max_new_tokens: int) -> dict[str, Any]:
+def evaluate_run(out: Path, val: Path, max_new_tokens: int, predictions: Path | None = None) -> dict[str, Any]:
+    """VQA accuracy of the model in ``out`` on ``val``; ``predictions``: a folder for predictions.jsonl."""
     from llavatune.eval.evaluate import EvalConfig, evaluate
 
-    m = evaluate(EvalConfig(model=str(out), data=str(val), max_new_tokens=max_new_tokens))
+    m = evaluate(EvalConfig(model=str(out), data=str(val), max_new_tokens=max_new_tokens,
+                            out=None if predictions is None else str(predictions)))
     return {k: m.get(k) for k in ("n", "vqa_accuracy", "exact_match", "by_answer_type", "samples_per_second")}
+
+
+def scored_questions(predictions: Path) -> list[tuple[Any, str, str]]:
+    """(question_id, question, prediction) of every scored row of ``predictions/predictions.jsonl``, sorted."""
+    rows = [json.loads(x) for x in (predictions / "predictions.jsonl").read_text().splitlines() if x.strip()]
+    return sorted((r.get("question_id"), r["question"], r["prediction"]) for r in rows)
+
+
+def equal_budget(a, argv, base: Path, val: Path, val_grouped: Path, gbatch: int, t0: float) -> int:
+    """Equal training budget over a pool larger than either side reaches: each side makes one pass over the pool
+    in its layout, stopped at the same CPU-second budget; both are scored on the same validation questions."""
+    flat = C.shapes_data(a.work, a.pool_images, a.questions_per_image, layout="vqav2", seed=a.pool_seed)
+    grouped = C.shapes_data(a.work, a.pool_images, a.questions_per_image, layout="vqav2", group_by_image=True,
+                            seed=a.pool_seed)
+    n_q, n_g = len(json.loads(flat.read_text())), len(json.loads(grouped.read_text()))
+    n_val = len(json.loads(val.read_text()))
+    print(f"pool: {n_q} questions about {a.pool_images} images ({n_q} per-question records, {n_g} grouped); "
+          f"validation {n_val} questions; model {base.name}; batch {a.batch_size} (per question) / {gbatch} "
+          f"(grouped); budget {a.budget_cpu_seconds} CPU-s of the training loop; seeds {a.seeds}", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="train_grouped_budget-"))
+    seeds: list[dict[str, Any]] = []
+    same_questions = True
+    grouped_val_identical = None
+    try:
+        for i, seed in enumerate(range(a.seed, a.seed + a.seeds)):
+            row: dict[str, Any] = {"seed": seed}
+            for side in (("grouped", "per_question") if i % 2 == 0 else ("per_question", "grouped")):
+                data, batch = (grouped, gbatch) if side == "grouped" else (flat, a.batch_size)
+                out = tmp / f"{side}-{seed}"
+                r = train_once(a, base, data, out, batch, 1, budget=a.budget_cpu_seconds, seed=seed)
+                per_record = a.questions_per_image if side == "grouped" else 1
+                r["records_seen"] = min(r["optimizer_steps"] * batch, r["samples"])
+                r["questions_seen"] = r["records_seen"] * per_record
+                r["pool_exhausted"] = r["records_seen"] >= r["samples"]
+                r["validation"] = evaluate_run(out, val, a.max_new_tokens, tmp / f"eval-{side}-{seed}")
+                if side == "grouped" and grouped_val_identical is None:
+                    # the validation set grouped by image asks the very same questions (one per query)
+                    evaluate_run(out, val_grouped, a.max_new_tokens, tmp / f"eval-grouped-val-{seed}")
+                    grouped_val_identical = (scored_questions(tmp / f"eval-grouped-val-{seed}")
+                                             == scored_questions(tmp / f"eval-{side}-{seed}"))
+                row[side] = r
+                print(f"  seed {seed}, {side.replace('_', ' ')}: {r['optimizer_steps']} steps, "
+                      f"{r['questions_seen']} questions in {r['train_loop_cpu_seconds']:.0f} CPU-s "
+                      f"({r['train_runtime']:.0f} s wall), loss {r['mean_loss_last_10_logs']}, VQA accuracy "
+                      f"{r['validation']['vqa_accuracy']:.2f}" + (" (POOL EXHAUSTED)" if r["pool_exhausted"] else ""),
+                      flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+            qa, qb = (scored_questions(tmp / f"eval-{s}-{seed}") for s in ("per_question", "grouped"))
+            row["same_validation_questions"] = [x[:2] for x in qa] == [x[:2] for x in qb]
+            same_questions &= row["same_validation_questions"]
+            seeds.append(row)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {side: {k: C.median(r[side][k] for r in seeds) for k in ("train_loop_cpu_seconds", "train_runtime",
+                                                                    "questions_seen", "optimizer_steps")}
+           for side in ("per_question", "grouped")}
+    for side in med:
+        med[side]["vqa_accuracy"] = C.median(r[side]["validation"]["vqa_accuracy"] for r in seeds)
+        med[side]["by_answer_type"] = {t: C.median(r[side]["validation"]["by_answer_type"][t]["vqa_accuracy"]
+                                                   for r in seeds)
+                                       for t in seeds[0][side]["validation"]["by_answer_type"]}
+    diffs = [r["grouped"]["validation"]["vqa_accuracy"] - r["per_question"]["validation"]["vqa_accuracy"] for r in seeds]
+    met = med["grouped"]["vqa_accuracy"] >= med["per_question"]["vqa_accuracy"]
+    ratio_q = med["grouped"]["questions_seen"] / med["per_question"]["questions_seen"]
+    print(f"equal budget ({a.budget_cpu_seconds} CPU-s): grouped saw {ratio_q:.2f}x the questions; median VQA accuracy "
+          f"grouped {med['grouped']['vqa_accuracy']:.2f} vs per question {med['per_question']['vqa_accuracy']:.2f} "
+          f"(per-seed differences {', '.join(f'{d:+.1f}' for d in diffs)}); same validation questions: "
+          f"{same_questions}; grouped validation file scores the same: {grouped_val_identical}; goal grouped >= per "
+          f"question: {'met' if met else 'NOT met'}")
+    C.write_result("train_grouped_budget", {
+        "benchmark": "equal training budget: one pass over a VQAv2-shaped pool, grouped vs per-question records",
+        "command": "python benchmarks/train_grouped.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "goal": "grouped validation VQA accuracy >= per-question at equal training time (median over seeds)",
+        "goal_met": met, "median": med, "grouped_minus_per_question": diffs,
+        "questions_seen_ratio": round(ratio_q, 3), "same_validation_questions": same_questions,
+        "grouped_validation_file_scores_identically": grouped_val_identical, "seeds": seeds,
+        "setup": {"model": base.name, "init": a.init, "pool_images": a.pool_images, "pool_questions": n_q, "pool_grouped_records": n_g,
+                  "questions_per_image": a.questions_per_image, "validation_questions": n_val,
+                  "validation_images": a.val_images, "batch_size_per_question": a.batch_size,
+                  "batch_size_grouped": gbatch, "lr": a.lr, "budget_cpu_seconds": a.budget_cpu_seconds,
+                  "torch_threads": torch_threads(), "pool_seed": a.pool_seed},
+        "machine": C.machine(), "seconds_total": round(time.perf_counter() - t0, 1)}, a.results)
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["cpu", "small"], default="cpu",
+    ap.add_argument("--model", choices=["cpu", "small", "small196"], default="cpu",
                     help="cpu: the 196-image-token benchmark model; small: the demo's 16-image-token model, which "
-                         "learns the task on a CPU within minutes (for the accuracy comparison)")
+                         "learns the task on a CPU within minutes (for the accuracy comparison); small196: the "
+                         "demo's model at 112 px, 196 image tokens (the equal-budget comparison)")
+    ap.add_argument("--init", choices=["warm", "random"], default=None,
+                    help="the model's starting weights: warm (build_tiny's warm starts on the tokenizer's data, "
+                         "neither the pool nor the validation set: a miniature of a pretrained LLaVA) or random; "
+                         "default: warm with --equal-budget, random otherwise (as the recorded speed figures)")
     ap.add_argument("--train-images", type=int, default=120)
     ap.add_argument("--val-images", type=int, default=20)
     ap.add_argument("--questions-per-image", type=int, default=5, help="VQAv2 has 5.4 on average")
@@ -117,6 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-pairs", type=int, default=1, help="interleaved 1-epoch pairs for the speed comparison")
     ap.add_argument("--speed-only", action="store_true",
                     help="only the speed comparison (results: train_grouped_speed.json)")
+    ap.add_argument("--equal-budget", action="store_true",
+                    help="the equal-budget comparison instead: one pass over a --pool-images pool in each layout, "
+                         "stopped at --budget-cpu-seconds, --seeds seeds (results: train_grouped_budget.json)")
+    ap.add_argument("--pool-images", type=int, default=1200, help="images in the equal-budget pool")
+    ap.add_argument("--pool-seed", type=int, default=2, help="seed of the pool's images and questions")
+    ap.add_argument("--budget-cpu-seconds", type=float, default=60.0,
+                    help="training-loop CPU seconds each side gets in the equal-budget comparison")
+    ap.add_argument("--seeds", type=int, default=3, help="training seeds (--seed, --seed + 1, ...) of the equal-budget runs")
     ap.add_argument("--keep-model", type=Path, default=None,
                     help="copy the equal-time grouped model (a LoRA checkpoint) here, e.g. for eval_vs_batch1.py --model")
     a = ap.parse_args(argv)
@@ -124,11 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     C.quiet()
     threads = C.set_threads(a.threads)
     t0 = time.perf_counter()
-    flat = C.shapes_data(a.work, a.train_images, a.questions_per_image, layout="vqav2")
-    grouped = C.shapes_data(a.work, a.train_images, a.questions_per_image, layout="vqav2", group_by_image=True)
     val = C.shapes_data(a.work, a.val_images, a.questions_per_image, split="val", layout="vqav2", seed=1)
     tok_json = C.shapes_data(a.work, n_images=64, questions_per_image=3)  # the benchmark model's tokenizer data
-    base = C.build_model(a.work, a.model, tok_json)
+    a.init = a.init or ("warm" if a.equal_budget else "random")
+    base = C.build_model(a.work, a.model, tok_json, warm_start=a.init == "warm")
+    if a.equal_budget:
+        val_grouped = C.shapes_data(a.work, a.val_images, a.questions_per_image, split="val", layout="vqav2", seed=1,
+                                    group_by_image=True)
+        return equal_budget(a, argv, base, val, val_grouped, gbatch, t0)
+    flat = C.shapes_data(a.work, a.train_images, a.questions_per_image, layout="vqav2")
+    grouped = C.shapes_data(a.work, a.train_images, a.questions_per_image, layout="vqav2", group_by_image=True)
     n_q = len(json.loads(flat.read_text()))
     n_g = len(json.loads(grouped.read_text()))
     print(f"data: {n_q} questions about {a.train_images} images: {n_q} per-question records, {n_g} grouped records; "

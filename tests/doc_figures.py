@@ -113,6 +113,11 @@ def _bench(name: str) -> dict:
     return json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
 
 
+def _budget(side: str, key: str) -> float:
+    """A median of ``train_grouped.py --equal-budget`` (``benchmarks/results/train_grouped_budget.json``)."""
+    return _bench("train_grouped_budget")["median"][side][key]
+
+
 def _range(values: list[float], unit: str = " s") -> str:
     lo, hi = min(values), max(values)
     return f"{lo:.1f}{unit}" if round(lo, 1) == round(hi, 1) else f"{lo:.1f}-{hi:.1f}{unit}"
@@ -185,6 +190,19 @@ FIGURES: list[Figure] = [
                       f"wall time ({_range([r['seconds_in_prepare'] for r in _bench('prepare_okvqa')['runs']], ' s')}")),
     Figure("docs/benchmarks.md", r"\| `prepare_okvqa\.py` \|[^|]+\|[^|]+\| (?P<fig>[\d.-]+ s), ",
            lambda m: _range([r["seconds_wall_incl_startup"] for r in _bench("prepare_okvqa")["runs"]], " s")),
+    # the equal-budget comparison of grouped training (train_grouped.py --equal-budget)
+    Figure("docs/benchmarks.md", r"\| `train_grouped\.py --equal-budget` \|[^|]+\|[^|]+\| (?P<fig>\*\*[\d.]+ vs [\d.]+\*\* "
+                                 r"\(medians; grouped saw [\d,]+ questions, per question [\d,]+: [\d.]+x)",
+           lambda m: (f"**{_budget('grouped', 'vqa_accuracy'):.1f} vs {_budget('per_question', 'vqa_accuracy'):.1f}** "
+                      f"(medians; grouped saw {_budget('grouped', 'questions_seen'):,.0f} questions, per question "
+                      f"{_budget('per_question', 'questions_seen'):,.0f}: {_bench('train_grouped_budget')['questions_seen_ratio']:.2f}x")),
+    Figure("docs/data.md", r"the grouped runs saw (?P<fig>[\d,]+ questions against [\d,]+ and scored [\d.]+ against [\d.]+)",
+           lambda m: (f"{_budget('grouped', 'questions_seen'):,.0f} questions against "
+                      f"{_budget('per_question', 'questions_seen'):,.0f} and scored {_budget('grouped', 'vqa_accuracy'):.1f} "
+                      f"against {_budget('per_question', 'vqa_accuracy'):.1f}")),
+    Figure("docs/benchmarks.md", r"\| \*\*median\*\* \| (?P<fig>[\d]+, [\d,]+, \*\*[\d.]+\*\* \| [\d]+, [\d,]+, \*\*[\d.]+\*\*) \|",
+           lambda m: " | ".join(f"{_budget(s, 'optimizer_steps'):.0f}, {_budget(s, 'questions_seen'):,.0f}, "
+                                f"**{_budget(s, 'vqa_accuracy'):.1f}**" for s in ("per_question", "grouped"))),
     # the CPU validation table quotes benchmarks/results/plan_validation.json
     *[Figure("docs/memory.md", rf"\| {re.escape(c['case'])} \| [^|]+ \| (?P<fig>[\d.]+ MiB \| [\d.]+ MiB \| [+-][\d.]+ %) \|",
              lambda m, c=c: f"{c['measured_peak_mib']:.1f} MiB | {c['estimated_peak_mib']:.1f} MiB | {c['error_pct']:+.1f} %",
