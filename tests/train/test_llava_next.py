@@ -95,19 +95,3 @@ print(json.dumps(answers))
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == ours
-
-
-def test_check_counts_real_next_tokens(next_processor, tmp_path):
-    from llavatune.data.check import check_dataset
-
-    d, _, processor = next_processor
-    Image.new("RGB", (90, 30), "red").save(tmp_path / "wide.png")
-    data = tmp_path / "d.json"
-    data.write_text(json.dumps([{"id": "w", "image": "wide.png", "conversations": [
-        {"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}]}]))
-    report = check_dataset(data, model=str(d))
-    enc = Encoder(processor)
-    want = enc.image_token_counts([(30, 90)], 1)[0]
-    assert want != enc.image_token_counts([(32, 32)], 1)[0]  # the count depends on the image size
-    text = len(processor.tokenizer("<image>\nColor?\nred".replace("<image>", ""), add_special_tokens=True)["input_ids"])
-    assert report.lengths["max"] == text + want
