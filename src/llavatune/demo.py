@@ -133,7 +133,13 @@ def demo(cfg: DemoConfig) -> dict:
     question = first["conversations"][0]["value"].replace("<image>\n", "")
     _run(["predict", "--model", str(merged), "--image", str(val_json.parent / first["image"]), "--question", question])
 
-    # Summary
+    return summarize(cfg, out, train_json, val_json, stage2, merged, t0)
+
+
+def summarize(cfg: DemoConfig, out: Path, train_json: Path, val_json: Path, stage2: Path, merged: Path,
+              t0: float) -> dict:
+    """Step 7: the VQA accuracy curve and final accuracy against the two baselines, the floor reached or not, where
+    everything is; written to ``demo_summary.json`` and returned."""
     from llavatune.report.data import read_metrics
 
     evals = read_metrics(stage2 / "metrics.jsonl")[1]

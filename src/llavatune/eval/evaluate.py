@@ -350,13 +350,13 @@ def sharded_generate(model, encoder: Encoder, queries: list, batch_size: int, ma
 
 
 def make_generation_eval(encoder: Encoder, eset: EvalSet, batch_size: int, max_new_tokens: int,
-                         stop: tuple[str, ...], out_dir: Path, step_fn, shown: int = 3, synced_gpus: bool = False,
+                         stop: tuple[str, ...], out_dir: Path, shown: int = 3, synced_gpus: bool = False,
                          share_prefix: bool = True):
-    """The ``generation_eval`` hook of ``LlavaTrainer``: generate on ``eset`` (sharded across ranks, gathered),
-    score, write ``OUT/eval_predictions/step-N.jsonl`` and return the aggregate metrics (with
-    ``generation_seconds`` and ``generation_samples_per_second``)."""
+    """The ``generation_eval(model, step)`` hook of ``LlavaTrainer``: generate on ``eset`` (sharded across ranks,
+    gathered), score, write ``OUT/eval_predictions/step-N.jsonl`` (N: the global ``step``) and return the aggregate
+    metrics (with ``generation_seconds`` and ``generation_samples_per_second``)."""
 
-    def run(model) -> dict[str, float]:
+    def run(model, step: int) -> dict[str, float]:
         timing: dict[str, Any] = {}
         preds = sharded_generate(model, encoder, eset.queries, batch_size, max_new_tokens, stop, synced_gpus,
                                  share_prefix=share_prefix, stats=timing)
@@ -365,7 +365,7 @@ def make_generation_eval(encoder: Encoder, eset: EvalSet, batch_size: int, max_n
         metrics.update(generation_seconds=timing["generation_seconds"],
                        generation_samples_per_second=timing["samples_per_second"])
         if _world()[1] == 0:
-            atomic_write_jsonl(out_dir / EVAL_PREDICTIONS_DIR / f"step-{step_fn()}.jsonl", rows)
+            atomic_write_jsonl(out_dir / EVAL_PREDICTIONS_DIR / f"step-{step}.jsonl", rows)
             for r in rows[:shown]:
                 logger.info(f"  [{r['id']}] Q: {r['question'][:80]!r} -> {r['prediction']!r} (reference {r['reference']!r})")
         keep = ("vqa_accuracy", "exact_match", "token_f1", "generation_seconds", "generation_samples_per_second")

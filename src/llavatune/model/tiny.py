@@ -124,6 +124,65 @@ def warm_start_texts(processor, conversations: Iterable[list[Turn]] = (), texts:
     return docs
 
 
+def _grid_pinpoints(image_size: int) -> list[list[int]]:
+    """The tiny LLaVA-NeXT's "any resolution" grids: 1x2, 2x1 and 2x2 tiles of ``image_size``."""
+    s = image_size
+    return [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+
+
+def tiny_llava_config(tokenizer, image_size: int, patch_size: int, hidden_size: int, vision_hidden_size: int,
+                      num_layers: int, next: bool):
+    """``build_tiny``'s ``LlavaConfig`` (``LlavaNextConfig`` with ``next``): the shapes of ``tiny_config_kwargs``,
+    the tokenizer's vocabulary and special token ids."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
+
+    shapes = tiny_config_kwargs(image_size, patch_size, hidden_size, vision_hidden_size, num_layers)
+    vision = CLIPVisionConfig(**shapes["vision_config"])
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **shapes["text_config"],
+    )
+    n_tokens = (image_size // patch_size) ** 2  # "default" strategy drops CLS
+    common = dict(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=n_tokens,
+        vision_feature_layer=shapes["vision_feature_layer"],
+        vision_feature_select_strategy=shapes["vision_feature_select_strategy"],
+        projector_hidden_act="gelu",
+    )
+    return LlavaNextConfig(**common, image_grid_pinpoints=_grid_pinpoints(image_size)) if next else LlavaConfig(**common)
+
+
+def tiny_llava_processor(tokenizer, image_size: int, patch_size: int, next: bool):
+    """``build_tiny``'s ``LlavaProcessor`` (``LlavaNextProcessor`` with ``next``) around ``tokenizer``."""
+    from transformers import LlavaImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
+
+    if next:
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+            image_grid_pinpoints=_grid_pinpoints(image_size),
+        )
+    else:
+        image_processor = LlavaImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            do_pad=True,  # LLaVA-1.5 "pad" aspect ratio: pad to square with the mean colour, then resize
+        )
+    return (LlavaNextProcessor if next else LlavaProcessor)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=VICUNA_JINJA,
+    )
+
+
 def build_tiny(
     texts: Iterable[str],
     out_dir: str | os.PathLike | None = None,
@@ -160,67 +219,17 @@ def build_tiny(
     text prior alone. Deterministic for a given ``seed`` and inputs.
     """
     import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaImageProcessor,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-        LlavaProcessor,
-    )
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     texts = list(texts)
     tokenizer = train_tokenizer(texts)
-    shapes = tiny_config_kwargs(image_size, patch_size, hidden_size, vision_hidden_size, num_layers)
-    vision = CLIPVisionConfig(**shapes["vision_config"])
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **shapes["text_config"],
-    )
-    n_tokens = (image_size // patch_size) ** 2  # "default" strategy drops CLS
-    common = dict(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=n_tokens,
-        vision_feature_layer=shapes["vision_feature_layer"],
-        vision_feature_select_strategy=shapes["vision_feature_select_strategy"],
-        projector_hidden_act="gelu",
-    )
-    s = image_size
-    pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
-    config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints) if next else LlavaConfig(**common)
+    config = tiny_llava_config(tokenizer, image_size, patch_size, hidden_size, vision_hidden_size, num_layers, next)
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config) if next else LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    if next:
-        image_processor = LlavaNextImageProcessor(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-            image_grid_pinpoints=pinpoints,
-        )
-    else:
-        image_processor = LlavaImageProcessor(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-            do_pad=True,  # LLaVA-1.5 "pad" aspect ratio: pad to square with the mean colour, then resize
-        )
-    processor = (LlavaNextProcessor if next else LlavaProcessor)(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=VICUNA_JINJA,
-    )
+    processor = tiny_llava_processor(tokenizer, image_size, patch_size, next)
     if warm_start:
         warm_start_tiny(model, processor, warm_start_texts(processor, conversations or (), texts, template),
                         images or (), seed)

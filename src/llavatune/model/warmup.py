@@ -174,20 +174,8 @@ def warm_start_vision(
     if steps <= 0 or pixel_values is None or len(pixel_values) == 0:
         return None
     t0 = time.perf_counter()
-    torch_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # the head's and decoder's initial weights
     pixel_values = pixel_values.float()
-    with torch.no_grad():
-        target = torch.nn.functional.avg_pool2d(pixel_values.mean(1, keepdim=True), 2).flatten(1)
-        target = (target - target.mean(0)) / (target.std(0, unbiased=False) + 0.1)
-        dim = encode(pixel_values[:1]).shape[-1]
-    head = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(), torch.nn.Linear(dim, dim))
-    decoder = torch.nn.Linear(dim, target.shape[1])
-    torch.random.set_rng_state(torch_state)
-    # a zero decoder: the first updates fit it to the features as they are, instead of pushing the tower along
-    # a random decoder's gradients
-    torch.nn.init.zeros_(decoder.weight)
-    torch.nn.init.zeros_(decoder.bias)
+    target, head, decoder = _vision_heads(encode, pixel_values, seed)
     params = list(params)
     trainable = [p.requires_grad for p in params]
     for p in params:
@@ -196,23 +184,70 @@ def warm_start_vision(
                             weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, max(1, steps // 10), steps)
     gen = torch.Generator().manual_seed(seed)
-    losses = []
-    # phase 1: reconstruction alone
     rsteps = steps if reconstruction_steps is None else reconstruction_steps
-    ropt = torch.optim.AdamW(params + list(decoder.parameters()), lr=reconstruction_learning_rate, weight_decay=0.0)
-    rsched = get_cosine_schedule_with_warmup(ropt, max(1, rsteps // 10), rsteps)
-    m = min(reconstruction_batch_size, len(pixel_values))
-    for _ in range(rsteps):
+    losses = _reconstruction_phase(encode, params, decoder, pixel_values, target, rsteps, reconstruction_batch_size,
+                                   reconstruction_learning_rate, gen)
+    losses += _contrastive_phase(encode, opt, sched, head, decoder, pixel_values, target, steps, batch_size,
+                                 temperature, gen)
+    for p, flag in zip(params, trainable):
+        p.requires_grad_(flag)
+    first = max(1, min(10, len(losses) // 10))
+    return WarmStartStats(rsteps + steps, len(pixel_values), _mean(losses[:first]), _mean(losses[-first:]),
+                          time.perf_counter() - t0)
+
+
+def _vision_heads(encode: Callable[[Any], Any], pixel_values: Any, seed: int) -> tuple[Any, Any, Any]:
+    """``warm_start_vision``'s reconstruction target (grey, 2x2-average-pooled, standardized per pixel over the
+    set), contrastive MLP head and linear decoder (zero: the first updates fit it to the features as they are,
+    instead of pushing the tower along a random decoder's gradients). Their initial weights are drawn with
+    ``seed``; the global torch random state is left as it was."""
+    import torch
+
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # the head's and decoder's initial weights
+    with torch.no_grad():
+        target = torch.nn.functional.avg_pool2d(pixel_values.mean(1, keepdim=True), 2).flatten(1)
+        target = (target - target.mean(0)) / (target.std(0, unbiased=False) + 0.1)
+        dim = encode(pixel_values[:1]).shape[-1]
+    head = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(), torch.nn.Linear(dim, dim))
+    decoder = torch.nn.Linear(dim, target.shape[1])
+    torch.random.set_rng_state(torch_state)
+    torch.nn.init.zeros_(decoder.weight)
+    torch.nn.init.zeros_(decoder.bias)
+    return target, head, decoder
+
+
+def _reconstruction_phase(encode, params: list, decoder, pixel_values, target, steps: int, batch_size: int,
+                          learning_rate: float, gen) -> list[float]:
+    """Phase 1 of ``warm_start_vision``: reconstruction alone (MSE of the decoded pooled features). Returns the
+    losses."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.AdamW(params + list(decoder.parameters()), lr=learning_rate, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, max(1, steps // 10), steps)
+    m = min(batch_size, len(pixel_values))
+    losses = []
+    for _ in range(steps):
         idx = torch.randint(len(pixel_values), (m,), generator=gen)
         loss = torch.nn.functional.mse_loss(decoder(encode(pixel_values[idx]).mean(1)), target[idx])
         loss.backward()
-        ropt.step()
-        rsched.step()
-        ropt.zero_grad(set_to_none=True)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    # phase 2: contrastive + reconstruction
+    return losses
+
+
+def _contrastive_phase(encode, opt, sched, head, decoder, pixel_values, target, steps: int, batch_size: int,
+                       temperature: float, gen) -> list[float]:
+    """Phase 2 of ``warm_start_vision``: contrastive (NT-Xent over two augmented views) plus reconstruction.
+    Returns the reconstruction losses."""
+    import torch
+
     n = min(batch_size, len(pixel_values))
     pairs = torch.cat([torch.arange(n) + n, torch.arange(n)])  # view i's positive is the other view of its image
+    losses = []
     for _ in range(steps):
         idx = torch.randint(len(pixel_values), (n,), generator=gen)
         x = pixel_values[idx]
@@ -225,11 +260,7 @@ def warm_start_vision(
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(reconstruction.item())
-    for p, flag in zip(params, trainable):
-        p.requires_grad_(flag)
-    first = max(1, min(10, len(losses) // 10))
-    return WarmStartStats(rsteps + steps, len(pixel_values), _mean(losses[:first]), _mean(losses[-first:]),
-                          time.perf_counter() - t0)
+    return losses
 
 
 def init_projector(linear_1: Any, linear_2: Any, activation: Callable[[Any], Any], features: Any,

@@ -48,9 +48,10 @@ class LlavaTrainer(Trainer):
     """``Trainer`` + per-module learning rates, image-aware length grouping, generation-based metrics, and
     logits computed only where a label is (``supervised_positions``; same loss, less memory and compute).
 
-    ``generation_eval(model) -> {"vqa_accuracy": ..., ...}`` runs inside every evaluation, so its metrics
-    arrive with ``eval_loss`` in the same log record: TensorBoard/W&B, ``metrics.jsonl``, best-checkpoint
-    selection (``metric_for_best_model``) and early stopping all see them.
+    ``generation_eval(model, global_step) -> {"vqa_accuracy": ..., ...}`` runs inside every evaluation, so its
+    metrics arrive with ``eval_loss`` in the same log record: TensorBoard/W&B, ``metrics.jsonl``, best-checkpoint
+    selection (``metric_for_best_model``) and early stopping all see them. It gets the global step from the trainer
+    (the step its ``eval_predictions/step-N.jsonl`` is named after).
     """
 
     def __init__(self, *args, projector_lr: float | None = None, vision_lr: float | None = None,
@@ -118,7 +119,7 @@ class LlavaTrainer(Trainer):
             # generate() reaches the inner model's forward, not the one accelerate wrapped in autocast: enter it
             # here, so generation runs in the training precision (QLoRA's 16-bit frozen weights need it)
             with self.accelerator.autocast():
-                metrics = self.generation_eval(self.model)
+                metrics = self.generation_eval(self.model, self.state.global_step)
             for k, v in metrics.items():
                 output.metrics[f"{metric_key_prefix}_{k}"] = v
         loss = output.metrics.get(f"{metric_key_prefix}_loss")

@@ -507,26 +507,63 @@ def train_with_one_line_errors(trainer, resume_from: str | None) -> None:
         raise
 
 
-def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
-          targs: LlavaTrainingArguments, extra_callbacks: tuple = ()):
-    """Run one training job; returns the ``LlavaTrainer`` (its ``model`` is the trained model)."""
-    import torch
+# ---------------------------------------------------------------------------------- the recipe, step by step
 
-    from llavatune.model import loader
-    from llavatune.train.llava_trainer import (
-        CheckpointCallback,
-        LlavaTrainer,
-        MetricsJsonlCallback,
-        finish_checkpoint,
-    )
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One training job's options once resolved (:func:`resolve_arguments`), as every later step reads them."""
+
+    margs: ModelArgs
+    dargs: DataArgs
+    mthd: MethodArgs
+    eargs: EvalArgs
+    targs: LlavaTrainingArguments
+
+    @property
+    def out(self) -> Path:
+        return Path(self.targs.output_dir)
+
+    @property
+    def template(self) -> str:
+        """The template training renders with: 'plain' in stage 1 (captions), ``--template`` in stage 2."""
+        return "plain" if self.mthd.stage == "pretrain" else self.dargs.template
+
+
+@dataclasses.dataclass
+class TrainData:
+    """The usable records of the training and validation data, one image root per record, and how many records of
+    each split validation already skipped (the datasets' reports count them)."""
+
+    train_records: list[Record]
+    train_roots: list[Path]
+    val_records: list[Record]
+    val_roots: list[Path]
+    n_prior: dict[str, int]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """The model ready to train (method applied), its processor, and what the run's metadata records of it."""
+
+    model: Any
+    processor: Any
+    base_ref: str
+    quant: dict | None
+
+
+def resolve_arguments(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
+                      targs: LlavaTrainingArguments) -> Job:
+    """Apply ``--smoke``, validate the options, and settle the training arguments that depend on them. Done before
+    the model loads: with ZeRO-3 the DeepSpeed config must exist when from_pretrained runs, so the weights are
+    partitioned as they load."""
+    import torch
 
     smoke_changes = {}
     if mthd.smoke:
         mthd, eargs, smoke_changes = smoke_options(mthd, eargs, targs, dargs.val_data)
     validate(margs, dargs, mthd, eargs, targs)
 
-    # Training arguments that depend on the options above. Set before the model loads: with ZeRO-3 the
-    # DeepSpeed config must exist when from_pretrained runs so the weights are partitioned as they load.
     changes = {}
     if not dargs.val_data and targs.eval_strategy != "no":
         changes["eval_strategy"] = "no"
@@ -560,48 +597,67 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
             targs = dataclasses.replace(targs, **changes)
         except ValueError as e:  # TrainingArguments' own consistency checks
             raise ConfigError(str(e)) from None
+    return Job(margs, dargs, mthd, eargs, targs)
 
-    # Output directory: decided before anything is written; the same run resumes or is finished, another is refused
-    out = Path(targs.output_dir)
-    fingerprint = run_fingerprint(margs, dargs, mthd, targs)
-    plan = run_dir_plan(out, fingerprint, mthd, _inputs(margs, dargs, mthd))
+
+def resolve_run_dir(job: Job) -> tuple[RunDir, dict[str, Any]]:
+    """What this invocation does with ``--output_dir``, decided before anything is written: the same run resumes or
+    is finished, another is refused (:func:`run_dir_plan`). Returns the decision and the run's fingerprint."""
+    fingerprint = run_fingerprint(job.margs, job.dargs, job.mthd, job.targs)
+    plan = run_dir_plan(job.out, fingerprint, job.mthd, _inputs(job.margs, job.dargs, job.mthd))
     if plan.finished:
-        logger.info(f"{out} holds this run, finished (step {plan.step}); nothing to do. Pass --overwrite to train it "
-                    "again, or choose a new --output_dir")
-        return None
-    resume_from = plan.resume_from
-    if resume_from:
-        logger.info(f"resuming from {resume_from}")
+        logger.info(f"{job.out} holds this run, finished (step {plan.step}); nothing to do. Pass --overwrite to train "
+                    "it again, or choose a new --output_dir")
+    elif plan.resume_from:
+        logger.info(f"resuming from {plan.resume_from}")
     elif plan.existing:
-        logger.info(f"{out} holds this run, stopped before its first checkpoint: starting it again")
+        logger.info(f"{job.out} holds this run, stopped before its first checkpoint: starting it again")
+    return plan, fingerprint
 
-    # Dataset records, validated as 'llavatune check' does, and every image verified, before anything is written
-    # (rank 0 first; the other ranks then reuse its remembered image verdicts)
+
+def read_data(job: Job, plan: RunDir, fingerprint: dict[str, Any]) -> TrainData:
+    """The dataset records, validated as 'llavatune check' does, and every image verified, before anything is
+    written (rank 0 first; the other ranks then reuse its remembered image verdicts); then rank 0 prepares the
+    output directory and records the run as running."""
+    dargs, mthd, targs, out = job.dargs, job.mthd, job.targs, job.out
     with targs.main_process_first(desc="validate data"):
         train_records, train_roots, val_records, val_roots, validations, cache = validate_training_data(dargs, out)
         if targs.process_index == 0:
             images = [str(f) for v in validations for f in v.image_files] if mthd.overwrite else []
-            prepare_output_dir(out, overwrite=mthd.overwrite, resume=plan.existing or resume_from is not None,
-                               kind="train", inputs={**_inputs(margs, dargs, mthd), "an image of the data": images})
+            prepare_output_dir(out, overwrite=mthd.overwrite, resume=plan.existing or plan.resume_from is not None,
+                               kind="train", inputs={**_inputs(job.margs, dargs, mthd), "an image of the data": images})
             write_run_state(out, fingerprint, "running")
             write_validation_files(out, validations, cache)
     n_prior = {"train": len(validations[0].bad), "validation": len(validations[1].bad) if dargs.val_data else 0}
+    return TrainData(train_records, train_roots, val_records, val_roots, n_prior)
 
-    # Model: turn --model into a llava-hf directory or hub id, then load (quantized for QLoRA)
-    base_dir = out / BASE_MODEL_DIR
-    texts = collect_texts(train_records + val_records)
-    template = "plain" if mthd.stage == "pretrain" else dargs.template
+
+def base_model_ref(job: Job, data: TrainData) -> str:
+    """``--model`` as a llava-hf directory or hub id: the built-in tiny models, ``compose`` and ``--smoke`` are
+    written into ``OUTPUT_DIR/base_model`` first (by rank 0; resuming reuses the very same base and tokenizer)."""
     from llavatune.model.families import TINY_MODELS
 
-    if margs.model in TINY_MODELS or margs.model == "compose" or mthd.smoke:
-        with targs.main_process_first(desc="build base model"):
-            # resuming reuses the very same base (and tokenizer)
-            if targs.process_index == 0 and not (base_dir / "config.json").is_file():
-                with deepspeed_zero3_init_disabled():
-                    build_base(margs, mthd, base_dir, texts, train_records, train_roots, template)
-        base_ref = str(base_dir.resolve())
-    else:
-        base_ref = margs.model
+    margs, mthd, targs = job.margs, job.mthd, job.targs
+    if not (margs.model in TINY_MODELS or margs.model == "compose" or mthd.smoke):
+        return margs.model
+    base_dir = job.out / BASE_MODEL_DIR
+    with targs.main_process_first(desc="build base model"):
+        if targs.process_index == 0 and not (base_dir / "config.json").is_file():
+            with deepspeed_zero3_init_disabled():
+                texts = collect_texts(data.train_records + data.val_records)
+                build_base(margs, mthd, base_dir, texts, data.train_records, data.train_roots, job.template)
+    return str(base_dir.resolve())
+
+
+def load_model(job: Job, data: TrainData) -> LoadedModel:
+    """Turn ``--model`` into a llava-hf directory or hub id, load it (quantized for QLoRA), load a stage-1
+    projector if given, and apply the method (LoRA / QLoRA / full; the projector only in stage 1)."""
+    import torch
+
+    from llavatune.model import loader
+
+    margs, mthd, targs = job.margs, job.mthd, job.targs
+    base_ref = base_model_ref(job, data)
     dtype = loader.resolve_dtype(margs.dtype, targs.use_cpu)
     quant = None
     fam = loader.check_family(loader.check_model_ref(base_ref), "--model", margs.trust_remote_code)
@@ -636,12 +692,19 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     model = loader.apply_method(model, mthd.stage, mthd.method, mthd, targs.gradient_checkpointing or False,
                                 autocast="bf16" if targs.bf16 else "fp16" if targs.fp16 else None)
     logger.info(loader.parameter_summary(model))
+    return LoadedModel(model, processor, base_ref, quant)
 
-    # Tokenize, mask and self-check before any training step
-    encoder = Encoder(processor, template=template, max_length=dargs.max_length, truncation=dargs.truncation)
-    train_ds = LlavaDataset(train_records, encoder, train_roots, name="train", prior_skipped=n_prior["train"])
-    val_ds = (LlavaDataset(val_records, encoder, val_roots, name="validation", prior_skipped=n_prior["validation"])
-              if val_records else None)
+
+def build_datasets(job: Job, data: TrainData, processor) -> tuple[Encoder, LlavaDataset, LlavaDataset | None]:
+    """Tokenize, mask and self-check before any training step: a split with no usable sample, or with more masking
+    failures than ``--max_masking_failures``, is refused. Rank 0 shows the first sample as the model sees it."""
+    dargs = job.dargs
+    encoder = Encoder(processor, template=job.template, max_length=dargs.max_length, truncation=dargs.truncation)
+    train_ds = LlavaDataset(data.train_records, encoder, data.train_roots, name="train",
+                            prior_skipped=data.n_prior["train"])
+    val_ds = (LlavaDataset(data.val_records, encoder, data.val_roots, name="validation",
+                           prior_skipped=data.n_prior["validation"])
+              if data.val_records else None)
     for ds in (train_ds, val_ds):
         if ds is None:
             continue
@@ -655,39 +718,62 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
                 f"{ds.name}: masking self-check failed on {len(ds.masking_problems)}/{len(ds)} samples (e.g. {ref}: "
                 f"{why}); training would learn from the wrong tokens. Check --template against the model"
             )
-    if targs.process_index == 0:
+    if job.targs.process_index == 0:
         logger.info(first_sample(train_ds))  # what the model sees (llavatune check DATA --model M --show N shows more)
+    return encoder, train_ds, val_ds
 
-    config_path = out / CONFIG_FILE
-    if targs.process_index == 0:
-        save_resolved(config_path, {"model": margs, "data": dargs, "method": mthd, "eval": eargs, "training": targs})
+
+def write_config(job: Job) -> None:
+    """``OUTPUT_DIR/llavatune_config.yaml``: the options as resolved, which ``llavatune train`` reads back (rank 0)."""
+    if job.targs.process_index == 0:
+        save_resolved(job.out / CONFIG_FILE, {"model": job.margs, "data": job.dargs, "method": job.mthd,
+                                              "eval": job.eargs, "training": job.targs})
+
+
+def run_meta(job: Job, loaded: LoadedModel) -> dict[str, Any]:
+    """What every checkpoint and the final weights record of how they were trained (``llavatune_checkpoint.json``)."""
+    mthd = job.mthd
     meta = {
-        "base_model": base_ref,
+        "base_model": loaded.base_ref,
         "stage": mthd.stage,
         "method": mthd.method if mthd.stage == "finetune" else "projector",
-        "template": template,
-        "max_length": dargs.max_length,
+        "template": job.template,
+        "max_length": job.dargs.max_length,
     }
-    if quant:
+    if loaded.quant:
         meta["quantization"] = {"bits": mthd.bits, "quant_type": mthd.bnb_4bit_quant_type,
                                 "double_quant": mthd.bnb_4bit_use_double_quant}
+    return meta
 
-    generation_eval = None
-    if val_ds is not None and eargs.generation_eval and mthd.stage == "finetune":
-        from llavatune.eval.evaluate import EvalSet, make_generation_eval
-        from llavatune.infer.generate import parse_stop
 
-        subset = val_records[: eargs.eval_max_samples] if eargs.eval_max_samples else val_records
-        eset = EvalSet.from_records(subset, val_roots[0], max_questions=eargs.eval_max_samples)
-        zero3 = bool(targs.deepspeed) and "zero3" in str(mthd.zero)
-        stop = parse_stop(eargs.eval_stop)
-        generation_eval = make_generation_eval(
-            encoder, eset, targs.per_device_eval_batch_size, eargs.eval_max_new_tokens, stop, out,
-            step_fn=lambda: trainer.state.global_step, shown=eargs.eval_predictions_shown, synced_gpus=zero3,
-            share_prefix=eargs.share_image_prefix,
-        )
+def generation_eval_hook(job: Job, data: TrainData, encoder: Encoder):
+    """The VQA-accuracy evaluation run inside every evaluation of stage 2 (``--generation_eval``), or None."""
+    eargs, mthd, targs = job.eargs, job.mthd, job.targs
+    if not (data.val_records and eargs.generation_eval and mthd.stage == "finetune"):
+        return None
+    from llavatune.eval.evaluate import EvalSet, make_generation_eval
+    from llavatune.infer.generate import parse_stop
+
+    val_records = data.val_records
+    subset = val_records[: eargs.eval_max_samples] if eargs.eval_max_samples else val_records
+    eset = EvalSet.from_records(subset, data.val_roots[0], max_questions=eargs.eval_max_samples)
+    zero3 = bool(targs.deepspeed) and "zero3" in str(mthd.zero)
+    return make_generation_eval(
+        encoder, eset, targs.per_device_eval_batch_size, eargs.eval_max_new_tokens, parse_stop(eargs.eval_stop),
+        job.out, shown=eargs.eval_predictions_shown, synced_gpus=zero3, share_prefix=eargs.share_image_prefix,
+    )
+
+
+def build_trainer(job: Job, data: TrainData, loaded: LoadedModel, meta: dict[str, Any],
+                  datasets: tuple[Encoder, LlavaDataset, LlavaDataset | None], extra_callbacks=()):
+    """Wire evaluation and callbacks (self-contained checkpoints, ``metrics.jsonl``, early stopping) into the
+    ``LlavaTrainer``."""
+    from llavatune.train.llava_trainer import CheckpointCallback, LlavaTrainer, MetricsJsonlCallback
+
+    mthd, eargs, out = job.mthd, job.eargs, job.out
+    encoder, train_ds, val_ds = datasets
     callbacks = [
-        CheckpointCallback(processor, meta, config_path, model.config),
+        CheckpointCallback(loaded.processor, meta, out / CONFIG_FILE, loaded.model.config),
         MetricsJsonlCallback(out / METRICS_FILE),
     ]
     callbacks += list(extra_callbacks)
@@ -695,36 +781,60 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=eargs.early_stopping_patience))
-
-    trainer = LlavaTrainer(
-        model=model,
-        args=targs,
+    return LlavaTrainer(
+        model=loaded.model,
+        args=job.targs,
         train_dataset=train_ds,
         eval_dataset=val_ds,
         data_collator=encoder.collator(),
-        processing_class=processor,
+        processing_class=loaded.processor,
         callbacks=callbacks,
         projector_lr=mthd.projector_lr,
         vision_lr=mthd.vision_lr,
         lengths=train_ds.lengths,
-        generation_eval=generation_eval,
+        generation_eval=generation_eval_hook(job, data, encoder),
         overfit_patience=eargs.overfit_patience,
         blank_image_inputs=blank_image_inputs(encoder) if mthd.zero and "zero3" in str(mthd.zero) else None,
     )
-    train_with_one_line_errors(trainer, resume_from)
 
-    # Final weights (adapter or full model) + everything needed to load them alone
+
+def finish(job: Job, trainer, loaded: LoadedModel, meta: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """Final weights (adapter or full model) and everything needed to load them alone, the run recorded as
+    finished, and the run report (a report problem never fails training)."""
+    from llavatune.model import loader
+    from llavatune.train.llava_trainer import finish_checkpoint
+
+    out = job.out
     trainer.save_model(str(out))
-    if trainer.is_world_process_zero():
-        finish_checkpoint(out, processor, meta, config_path, model.config)
-        write_run_state(out, fingerprint, "finished", trainer.state.global_step)
-        logger.info(f"done: weights, processor and config in {out}")
-        try:  # run report (report.html / report.md); a report problem never fails training
-            from llavatune.report import write_report
+    if not trainer.is_world_process_zero():
+        return
+    finish_checkpoint(out, loaded.processor, meta, out / CONFIG_FILE, loaded.model.config)
+    write_run_state(out, fingerprint, "finished", trainer.state.global_step)
+    logger.info(f"done: weights, processor and config in {out}")
+    try:  # run report (report.html / report.md)
+        from llavatune.report import write_report
 
-            logger.info(f"report: {write_report(out, params=loader.parameter_summary(model))}")
-        except Exception as e:  # noqa: BLE001
-            logger.warning(f"run report not written ({type(e).__name__}: {e}); retry with 'llavatune report {out}'")
+        logger.info(f"report: {write_report(out, params=loader.parameter_summary(loaded.model))}")
+    except Exception as e:  # noqa: BLE001
+        logger.warning(f"run report not written ({type(e).__name__}: {e}); retry with 'llavatune report {out}'")
+
+
+def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
+          targs: LlavaTrainingArguments, extra_callbacks: tuple = ()):
+    """Run one training job; returns the ``LlavaTrainer`` (its ``model`` is the trained model), or None when
+    ``--output_dir`` holds this run, finished."""
+    job = resolve_arguments(margs, dargs, mthd, eargs, targs)
+    plan, fingerprint = resolve_run_dir(job)
+    if plan.finished:
+        return None
+    data = read_data(job, plan, fingerprint)
+    loaded = load_model(job, data)
+    datasets = build_datasets(job, data, loaded.processor)
+    write_config(job)
+    meta = run_meta(job, loaded)
+    trainer = build_trainer(job, data, loaded, meta, datasets, extra_callbacks)
+    train_with_one_line_errors(trainer, plan.resume_from)
+    finish(job, trainer, loaded, meta, fingerprint)
     return trainer
 
 
