@@ -214,3 +214,14 @@ class LlavaTrainingArguments(TrainingArguments):
         metadata={"help": "Metric that picks the best checkpoint: vqa_accuracy (default with --generation_eval), "
                           "exact_match, token_f1 or loss."},
     )
+    dataloader_pin_memory: bool = field(
+        default=True, metadata={"help": "Pin batches in page-locked memory for faster copies to the GPU (off without "
+                                        "an accelerator, where torch ignores it with a warning)."}
+    )
+
+    def __post_init__(self):
+        import torch
+
+        if self.dataloader_pin_memory and not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False  # torch: "'pin_memory' ... no accelerator is found" every epoch
+        super().__post_init__()
