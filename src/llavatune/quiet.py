@@ -16,8 +16,9 @@ about, and names the versions it was checked against, so a new release that chan
   - torch 2.14 ``torch.distributed``: "`all_gather_into_tensor` / `reduce_scatter_tensor` is deprecated",
     FutureWarnings from DeepSpeed 0.19.8's ZeRO collectives (llavatune calls neither), once per rank and step.
 
-- ``peft_wrapping``: around ``get_peft_model`` only: PEFT 0.21's ``PeftModel.__init__`` reads transformers 5's
-  deprecated ``is_gradient_checkpointing`` property (a FutureWarning about PEFT's call, not ours).
+- ``peft_wrapping``: around ``get_peft_model`` and ``PeftModel.from_pretrained`` only: PEFT 0.21's
+  ``PeftModel.__init__`` reads transformers 5.24's deprecated ``is_gradient_checkpointing`` property (a FutureWarning
+  about PEFT's call, not ours).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def install() -> None:
 
 @contextlib.contextmanager
 def peft_wrapping() -> Iterator[None]:
-    """Around ``get_peft_model``: its one deprecation warning about PEFT's own call (see the module docstring)."""
+    """Around wrapping a model with PEFT: its one deprecation warning about PEFT's own call (see the module docstring)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=PEFT_INIT_WARNING, category=FutureWarning)
         yield

@@ -1,7 +1,7 @@
 """A real `llavatune train` run prints llavatune's lines, the Trainer's metrics and progress bars, and nothing else.
 
 Run in a subprocess, as a user runs it, so import-time messages (bitsandbytes, DeepSpeed) are seen. QLoRA, because it
-takes every path LoRA takes plus bitsandbytes' 4-bit layers.
+takes every path LoRA takes plus bitsandbytes' 4-bit layers; with evaluation (generation) after the last step.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import warnings
 ALLOWED = (
     re.compile(r"\[llavatune\] .*"),  # llavatune's own lines
     re.compile(r"(  .*|sample \S+: \d+ tokens .*)"),  # ... and their continuation lines (summary table, first sample)
-    re.compile(r"\{'(loss|train_runtime)': .*\}"),  # the Trainer's logged metrics (stdout)
-    re.compile(r"\s*([\w ]+: *)?\d+%\|.*\| *\d+/\d+ \[.*\]\s*"),  # tqdm bars: training steps, saving/loading weights
+    re.compile(r"\{'(loss|eval_loss|train_runtime)': .*\}"),  # the Trainer's logged metrics (stdout)
+    # tqdm bars (training steps, evaluation, saving/loading weights), \x1b[A: a nested bar's cursor-up
+    re.compile(r"(\x1b\[A)?\s*([\w ()]+: *)?\d+%\|.*\| *\d+/\d+ \[.*\]\s*(\x1b\[A)?|\x1b\[A"),
 )
 # What the run printed before llavatune.quiet (and the pin_memory / detach / ds_numel fixes), each a line above
 # would not let through.
@@ -54,13 +55,15 @@ def test_tiny_qlora_train_prints_no_third_party_warnings(shapes, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONWARNINGS", None)  # warnings as a user sees them (Python's default filters)
     r = subprocess.run([sys.executable, "-m", "llavatune.cli", "train", "--model", "tiny", "--method", "qlora",
-                        "--data", str(shapes["train"]), "--output_dir", str(out), "--max_steps", "2",
-                        "--report_to", "none", "--save_strategy", "no"],
+                        "--data", str(shapes["train"]), "--val_data", str(shapes["val"]), "--output_dir", str(out),
+                        "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2", "--report_to", "none",
+                        "--save_strategy", "no"],
                        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert unexpected(r.stdout) == [], r.stdout
     assert unexpected(r.stderr) == [], r.stderr
     assert "[llavatune] trainable parameters:" in r.stderr and "{'loss': " in r.stdout
+    assert "'eval_vqa_accuracy': " in r.stdout  # evaluation between steps ran (generation included)
     assert (out / "adapter_model.safetensors").is_file()
 
 

@@ -499,7 +499,8 @@ def load_checkpoint(
             processor = AutoProcessor.from_pretrained(p, trust_remote_code=trust_remote_code)
         if not any(p.glob("adapter_model.*")):
             raise UserError(f"{p}: adapter_config.json found but no adapter_model.safetensors; the checkpoint is incomplete")
-        model = PeftModel.from_pretrained(model, str(p))
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, str(p))
         if merge:
             model = model.merge_and_unload()
         return model.eval(), processor, {"kind": "adapter", "base_model": base, **meta}
