@@ -98,3 +98,18 @@ def test_filters_drop_only_the_named_messages():
         warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning, "x.py", 1,
                                module="transformers.modeling_utils")
     assert len(got) == 1  # PEFT's call is silenced only around get_peft_model, not for everyone
+
+
+def test_only_rank_zero_logs_info_and_warnings(monkeypatch):
+    from llavatune import quiet
+
+    def record(level):
+        return logging.LogRecord("llavatune", level, __file__, 1, "train: 32 samples used", None, None)
+
+    f = quiet.RankZeroOnly()
+    monkeypatch.setenv("RANK", "1")
+    assert [f.filter(record(x)) for x in (logging.INFO, logging.WARNING, logging.ERROR)] == [False, False, True]
+    monkeypatch.setenv("RANK", "0")
+    assert [f.filter(record(x)) for x in (logging.INFO, logging.WARNING, logging.ERROR)] == [True, True, True]
+    monkeypatch.delenv("RANK")
+    assert f.filter(record(logging.INFO))

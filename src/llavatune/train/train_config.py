@@ -222,6 +222,7 @@ class LlavaTrainingArguments(TrainingArguments):
     def __post_init__(self):
         import torch
 
-        if self.dataloader_pin_memory and not torch.accelerator.is_available():
+        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; before it, CUDA is what pins
+        if self.dataloader_pin_memory and not (accelerator.is_available() if accelerator else torch.cuda.is_available()):
             self.dataloader_pin_memory = False  # torch: "'pin_memory' ... no accelerator is found" every epoch
         super().__post_init__()
