@@ -16,9 +16,10 @@ about, and names the versions it was checked against, so a new release that chan
   - torch 2.14 ``torch.distributed``: "`all_gather_into_tensor` / `reduce_scatter_tensor` is deprecated",
     FutureWarnings from DeepSpeed 0.19.8's ZeRO collectives (llavatune calls neither), once per rank and step.
 
-- ``peft_wrapping``: around ``get_peft_model`` and ``PeftModel.from_pretrained`` only: PEFT 0.21's
-  ``PeftModel.__init__`` reads transformers 5.24's deprecated ``is_gradient_checkpointing`` property (a FutureWarning
-  about PEFT's call, not ours).
+- ``peft_wrapping``: around ``get_peft_model``, ``PeftModel.from_pretrained`` and ``prepare_model_for_kbit_training``
+  only: PEFT 0.21's ``PeftModel.__init__`` reads transformers 5.24's deprecated ``is_gradient_checkpointing``
+  property and its ``prepare_model_for_kbit_training`` calls the deprecated ``gradient_checkpointing_enable``
+  (FutureWarnings about PEFT's calls, not ours).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ IGNORED_WARNINGS = (
     (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", FutureWarning,
      r"torch\.distributed\.c10d_logger"),
 )
-PEFT_INIT_WARNING = r"`is_gradient_checkpointing` is deprecated"
+PEFT_WARNINGS = r"`(is_gradient_checkpointing|gradient_checkpointing_enable)` is deprecated"
 
 
 def rank() -> int:
@@ -78,7 +79,7 @@ def install() -> None:
 
 @contextlib.contextmanager
 def peft_wrapping() -> Iterator[None]:
-    """Around wrapping a model with PEFT: its one deprecation warning about PEFT's own call (see the module docstring)."""
+    """Around PEFT's wrapping of a model: the deprecation warnings about PEFT's own calls (see the module docstring)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=PEFT_INIT_WARNING, category=FutureWarning)
+        warnings.filterwarnings("ignore", message=PEFT_WARNINGS, category=FutureWarning)
         yield

@@ -1,7 +1,8 @@
 """A real `llavatune train` run prints llavatune's lines, the Trainer's metrics and progress bars, and nothing else.
 
 Run in a subprocess, as a user runs it, so import-time messages (bitsandbytes, DeepSpeed) are seen. QLoRA, because it
-takes every path LoRA takes plus bitsandbytes' 4-bit layers; with evaluation (generation) after the last step.
+takes every path LoRA takes plus bitsandbytes' 4-bit layers; with gradient checkpointing (the QLoRA recipes') and
+evaluation (generation) after the last step.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ BEFORE = [
     "have GPU or other accelerator, we were unable to detect it.",
     "/site-packages/transformers/modeling_utils.py:3312: FutureWarning: `is_gradient_checkpointing` is deprecated and "
     "will be removed in v6. Use `is_activation_checkpointing` instead.",
+    "/site-packages/transformers/training_args.py:1541: FutureWarning: `gradient_checkpointing` is deprecated and will "
+    "be removed in v6. Use `activation_checkpointing` instead.",
+    "/site-packages/transformers/modeling_utils.py:3204: FutureWarning: `gradient_checkpointing_enable` is deprecated "
+    "and will be removed in v6. Use `activation_checkpointing_enable` instead.",
     "/site-packages/torch/utils/data/dataloader.py:759: UserWarning: 'pin_memory' argument is set as true but no "
     "accelerator is found, then device pinned memory won't be used.",
     "/src/llavatune/model/tiny.py:345: UserWarning: Converting a tensor with requires_grad=True to a scalar may lead "
@@ -57,7 +62,7 @@ def test_tiny_qlora_train_prints_no_third_party_warnings(shapes, tmp_path):
     r = subprocess.run([sys.executable, "-m", "llavatune.cli", "train", "--model", "tiny", "--method", "qlora",
                         "--data", str(shapes["train"]), "--val_data", str(shapes["val"]), "--output_dir", str(out),
                         "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2", "--report_to", "none",
-                        "--save_strategy", "no"],
+                        "--save_strategy", "no", "--gradient_checkpointing", "true"],
                        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert unexpected(r.stdout) == [], r.stdout

@@ -310,7 +310,8 @@ def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpoint
     loaded_dtypes = {}
     if method == "qlora":
         loaded_dtypes = {id(p): p.dtype for p in model.parameters()}
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        with peft_wrapping():
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.enable_input_require_grads()
     if margs.lora_target_modules:
