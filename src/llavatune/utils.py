@@ -243,9 +243,14 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
+    """llavatune's lines on stderr, once per job (rank 0), and the third-party noise of ``llavatune.quiet`` off."""
+    from llavatune import quiet
+
+    quiet.install()
     if not logger.handlers:
         h = _StderrHandler()
         h.setFormatter(logging.Formatter("[llavatune] %(message)s"))
+        h.addFilter(quiet.RankZeroOnly())
         logger.addHandler(h)
     logger.setLevel(level)
     logger.propagate = False

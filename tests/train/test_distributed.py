@@ -27,6 +27,16 @@ COMMON = ["--model", "tiny", "--max_steps", "3", "--max_train_samples", "8", "--
 TOLERANCE = 0.02
 
 
+def parameter_summary(log: str) -> list[str]:
+    """The trainable-parameter summary lines of a train log (each time it is printed)."""
+    lines = log.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if line.startswith("[llavatune] trainable parameters:"):
+            out += [line, *[x for x in lines[i + 1: i + 5] if x.startswith("  ")]]
+    return out
+
+
 def losses(out: Path) -> list[float]:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
@@ -48,7 +58,7 @@ def single(shapes, tmp_path_factory):
     r = launch([*COMMON, "--data", str(shapes["train"]), "--output_dir", str(out), "--per_device_train_batch_size", "8"],
                1, out.parent)
     assert r.returncode == 0, r.stderr[-3000:]
-    return losses(out)
+    return {"losses": losses(out), "summary": parameter_summary(r.stderr)}
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
@@ -58,10 +68,15 @@ def test_two_rank_zero_matches_single_process(shapes, tmp_path, single, zero):
                 "--zero", zero], 2, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     got = losses(out)
-    assert len(got) == len(single) == 3
-    for a, b in zip(got, single):
-        assert a == pytest.approx(b, rel=TOLERANCE), (zero, got, single)
+    assert len(got) == len(single["losses"]) == 3
+    for a, b in zip(got, single["losses"]):
+        assert a == pytest.approx(b, rel=TOLERANCE), (zero, got, single["losses"])
     assert got[-1] < got[0], "loss should decrease"
+    # each llavatune line once (rank 0), and the parameter summary counts ZeRO-3's partitioned weights in full
+    # (it said "270,464 of 270,464 (100.00 %)" twice, with 0 parameters in the vision tower and the LLM)
+    assert r.stderr.count("[llavatune] trainable parameters:") == 1, r.stderr[-3000:]
+    assert r.stderr.count("[llavatune] train: ") == 1, r.stderr[-3000:]
+    assert parameter_summary(r.stderr) == single["summary"], (parameter_summary(r.stderr), single["summary"])
     # the saved adapter holds full (gathered) tensors, not ZeRO-3 shards
     weights = load_file(str(out / "adapter_model.safetensors"))
     proj = [v for k, v in weights.items() if "multi_modal_projector" in k and k.endswith("linear_1.weight")]

@@ -30,6 +30,7 @@ from llavatune.files import META_FILE
 from llavatune.model.bnb import is_4bit_param, is_quantized_layer
 from llavatune.model.families import FAMILIES, Family, check_folder, require
 from llavatune.model.refs import _first_line, is_hub_id, looks_local, resolve_model
+from llavatune.quiet import peft_wrapping
 from llavatune.utils import UserError
 
 logger = logging.getLogger("llavatune")
@@ -309,7 +310,8 @@ def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpoint
     loaded_dtypes = {}
     if method == "qlora":
         loaded_dtypes = {id(p): p.dtype for p in model.parameters()}
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        with peft_wrapping():
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.enable_input_require_grads()
     if margs.lora_target_modules:
@@ -336,7 +338,8 @@ def apply_method(model, stage: str, method: str, margs: Any, gradient_checkpoint
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lcfg)
+    with peft_wrapping():
+        model = get_peft_model(model, lcfg)
     if method == "qlora" and autocast:
         _keep_frozen_weights_16bit(model, loaded_dtypes, everything=autocast in (True, "bf16"))
     return model
@@ -386,7 +389,8 @@ def parameter_summary(model: torch.nn.Module) -> str:
     labels = {"lora": "lora", "projector": fam.projector[0], "vision": fam.vision[0], "llm": "llm"}
     groups: dict[str, list[int]] = {}
     for name, p in model.named_parameters():
-        n = p.numel() * (2 if is_4bit_param(p) else 1)
+        # ZeRO-3 leaves each rank an empty placeholder; ds_numel is the full parameter's size
+        n = getattr(p, "ds_numel", p.numel()) * (2 if is_4bit_param(p) else 1)
         g = groups.setdefault(labels[fam.parameter_group(name)], [0, 0])
         g[0] += n
         if p.requires_grad:
@@ -496,7 +500,8 @@ def load_checkpoint(
             processor = AutoProcessor.from_pretrained(p, trust_remote_code=trust_remote_code)
         if not any(p.glob("adapter_model.*")):
             raise UserError(f"{p}: adapter_config.json found but no adapter_model.safetensors; the checkpoint is incomplete")
-        model = PeftModel.from_pretrained(model, str(p))
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, str(p))
         if merge:
             model = model.merge_and_unload()
         return model.eval(), processor, {"kind": "adapter", "base_model": base, **meta}

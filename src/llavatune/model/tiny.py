@@ -351,7 +351,7 @@ def warm_start_tiny(model, processor, docs: Sequence[str], images: Sequence = ()
     with torch.no_grad():
         feats = encode(pixels[:512])
     init_projector(proj.linear_1, proj.linear_2, proj.act, feats,
-                   out_rms=float(model.get_input_embeddings().weight.pow(2).mean().sqrt()))
+                   out_rms=float(model.get_input_embeddings().weight.detach().pow(2).mean().sqrt()))
     logger.info(f"tiny model: vision tower warm-started on {stats.examples} images (no text), {stats.steps} steps, "
                 f"reconstruction error {stats.first_loss:.2f} -> {stats.last_loss:.2f} ({stats.seconds:.1f}s)"
                 + (f"; {unreadable} unreadable images left out" if unreadable else ""))

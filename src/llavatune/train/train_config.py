@@ -214,3 +214,21 @@ class LlavaTrainingArguments(TrainingArguments):
         metadata={"help": "Metric that picks the best checkpoint: vqa_accuracy (default with --generation_eval), "
                           "exact_match, token_f1 or loss."},
     )
+    dataloader_pin_memory: bool = field(
+        default=True, metadata={"help": "Pin batches in page-locked memory for faster copies to the GPU (off without "
+                                        "an accelerator, where torch ignores it with a warning)."}
+    )
+
+    def __post_init__(self):
+        import torch
+
+        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; before it, CUDA is what pins
+        if self.dataloader_pin_memory and not (accelerator.is_available() if accelerator else torch.cuda.is_available()):
+            self.dataloader_pin_memory = False  # torch: "'pin_memory' ... no accelerator is found" every epoch
+        # --gradient_checkpointing (the recipes' and plan's name) is transformers 5's activation_checkpointing: set the
+        # new name, so TrainingArguments does not warn that the old one is deprecated (it mirrors it back itself)
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, new, False) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
+        super().__post_init__()
