@@ -437,3 +437,25 @@ def test_an_image_size_the_processor_refuses_is_reported_not_a_traceback(bases, 
 
     ds = LlavaDataset(load_records(tmp_path / "d.json"), Encoder(processor), [tmp_path] * 2)
     assert len(ds) == 1 and list(ds.skipped) == ["image-size"]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen2_5_vl", "tiny-mllama"])
+def test_check_takes_a_built_in_tiny_model_name(tmp_path, capsys, name):
+    """`check DATA --model tiny-<family>` (what a user trains with) counts tokens with the processor train would build
+    from the same text, instead of refusing the name as neither a folder nor a hub id."""
+    from llavatune.data.check import check_dataset
+    from llavatune.data.records import collect_texts
+    from llavatune.model.tiny import tiny_processor
+
+    Image.new("RGB", (90, 30), "red").save(tmp_path / "wide.png")
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"id": "w", "image": "wide.png", "conversations": [
+        {"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}]}]))
+    assert cli_main(["check", str(data), "--model", name]) == 0
+    out = capsys.readouterr()
+    assert f"tokens (estimate, {name}" in out.out + out.err and "no such folder" not in out.err
+    report = check_dataset(data, model=name)
+    processor = tiny_processor(name, collect_texts(load_records(str(data))))
+    n_image = Encoder(processor).image_token_counts([(30, 90)], 1)[0]
+    text = len(processor.tokenizer("\nColor?\nred", add_special_tokens=True)["input_ids"])  # as check joins turns
+    assert n_image > 0 and report.lengths["max"] == text + n_image

@@ -193,11 +193,20 @@ def _format_fix(f: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- lengths
 
 
-def _load_processor(model: str):
-    """``(processor or None, tokenizer)`` from a local model folder or hub id; never runs remote code."""
+def _load_processor(model: str, records=()):
+    """``(processor or None, tokenizer)`` from a local model folder or hub id (never runs remote code), or for a
+    built-in tiny model's name the processor ``train --model NAME`` builds: its tokenizer trained on ``records``."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    from llavatune.model.families import TINY_MODELS
     from llavatune.model.refs import resolve_model
+
+    if model in TINY_MODELS:
+        from llavatune.data.records import collect_texts
+        from llavatune.model.tiny import tiny_processor
+
+        processor = tiny_processor(model, collect_texts(records))
+        return processor, processor.tokenizer
 
     model = resolve_model(model, "--model")
     processor = None
@@ -268,7 +277,7 @@ def _measure_lengths(report: CheckReport, entries: list[Entry], model: str, max_
     )
     from llavatune.utils import resolve_under
 
-    processor, tokenizer = _load_processor(model)
+    processor, tokenizer = _load_processor(model, [e.record for e in entries])
     if processor is not None:
         _check_family(model, processor)
     note = None
@@ -355,12 +364,14 @@ def check_dataset(
     The records and images go through :func:`~llavatune.data.records.validate_data`, the same validation
     ``train``, ``eval`` and ``predict --input`` use: what is an error here is skipped or refused there.
     ``image_folder`` defaults to the data file's folder. With ``model`` (a local folder or hub id with a
-    processor or tokenizer) the report adds token-length statistics, an estimate (see :func:`image_tokens_per_image`), and
+    processor or tokenizer, or a built-in tiny model's name) the report adds token-length statistics, an estimate (see :func:`image_tokens_per_image`), and
     says what the configured ``truncation`` does to each over-long sample. ``progress``: ``None`` shows a progress
     bar for large image sets on a terminal. Raises :class:`~llavatune.utils.UserError` only when the check cannot
     run at all (file or folder missing).
     """
-    if model:  # a typo'd path or an unreachable hub id: one line now, not after every image was read
+    from llavatune.model.families import TINY_MODELS
+
+    if model and model not in TINY_MODELS:  # a typo'd path or an unreachable hub id: one line now, not after every image was read
         from llavatune.model.families import check_folder
         from llavatune.model.refs import resolve_model
 
@@ -467,8 +478,9 @@ class CheckArgs:
     image_folder: str | None = None
     """folder that image paths are relative to (default: the data file's folder)"""
     model: str | None = None
-    """the model to be trained, for its processor or tokenizer: a local folder or a hub id such as
-    llava-hf/llava-1.5-7b-hf (only its tokenizer and processor files are fetched). Adds token-length statistics (an
+    """the model to be trained, for its processor or tokenizer: a local folder, a hub id such as
+    llava-hf/llava-1.5-7b-hf (only its tokenizer and processor files are fetched), or a built-in tiny model ('tiny',
+    'tiny-qwen2_5_vl', ...: its tokenizer trained on this file's text, as train builds it). Adds token-length statistics (an
     estimate: text tokens plus image tokens per image), counts samples over --max-length and says what --truncation
     does to each"""
     max_length: int = 2048

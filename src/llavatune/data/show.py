@@ -152,7 +152,7 @@ def show_for_check(report, model: str, template: str = "auto", n: int = 3, max_l
     from llavatune.data.encode import Encoder, SampleSkipped, image_size
     from llavatune.model.loader import read_meta
 
-    processor, _ = _load_processor(model)
+    processor, _ = _load_processor(model, [e.record for e in report.entries])
     if processor is None:
         raise UserError(f"--show: {model} has no processor (tokenizer + image processor) to render samples with")
     if template == "auto" and Path(model).is_dir():

@@ -401,6 +401,19 @@ def tiny_family(ref: str) -> str:
     return tiny_for(ref)
 
 
+def tiny_processor(name: str, texts: Iterable[str], seed: int = 0):
+    """The processor of built-in tiny model ``name`` with its tokenizer trained on ``texts``, as ``train --model NAME``
+    builds it (no warm start: ``check --model tiny-<family>`` counts tokens, it needs no trained weights)."""
+    from llavatune.model.families import TINY_MODELS
+
+    fam = TINY_MODELS[name].name
+    if fam in ("llava", "llava_next"):
+        return build_tiny(list(texts), None, seed=seed, next=fam == "llava_next", warm_start=False)[1]
+    from llavatune.model.tiny_families import build_family
+
+    return build_family(fam, list(texts), seed=seed)[1]
+
+
 def build_tiny_model(name: str, texts: Iterable[str], out_dir: str | os.PathLike | None = None, seed: int = 0):
     """``--model NAME`` for a built-in tiny model: 'tiny' (LLaVA-1.5), 'tiny-next' (LLaVA-NeXT) or 'tiny-<family>'
     (``llavatune.model.tiny_families``). Saves it to ``out_dir`` when given; returns ``(model, processor)``."""
