@@ -39,3 +39,20 @@ def test_plain_options_whose_values_are_mappings_stay_options(tmp_path):
     p.write_text(yaml.safe_dump({"s1": {"steps": 1}, "s2": {"steps": 2}}))
     with pytest.raises(ConfigError, match="'steps' has two values"):
         parse_config([A, B], [str(p)])
+
+
+def test_saved_training_config_takes_later_flags_and_keeps_the_users_values(tmp_path):
+    """train's saved config fed back with --gradient_checkpointing true checkpoints (transformers 5 also has
+    activation_checkpointing, which must not be saved beside it and win), and a CPU run saves pin memory as the
+    user left it (the Trainer turns it off without an accelerator; a GPU rerun of the file pins again)."""
+    from llavatune.train.run import SECTIONS
+
+    argv = ["--data", str(tmp_path / "d.json"), "--output_dir", str(tmp_path / "run")]
+    first = parse_config(SECTIONS, argv)
+    saved = tmp_path / "llavatune_config.yaml"
+    save_resolved(saved, dict(zip(("model", "data", "method", "eval", "training"), first)))
+    text = yaml.safe_load(saved.read_text())["training"]
+    assert "activation_checkpointing" not in text and text["gradient_checkpointing"] is False
+    assert text["dataloader_pin_memory"] is True
+    again = parse_config(SECTIONS, [str(saved), "--gradient_checkpointing", "true"])[-1]
+    assert again.gradient_checkpointing is True and again.activation_checkpointing is True

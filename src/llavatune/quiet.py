@@ -32,7 +32,8 @@ from collections.abc import Iterator
 
 # (logger name, message prefix) pairs dropped from those loggers.
 DROPPED_LOG_MESSAGES = (
-    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community: No module named "
+                                      "'kernels'."),
     ("DeepSpeed", "Setting accelerator to CPU."),
 )
 # (message regex, category, module regex) for warnings.filterwarnings.
@@ -61,7 +62,7 @@ class DropMessages(logging.Filter):
         self.prefixes = prefixes
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
+        return not record.getMessage().startswith(self.prefixes)
 
 
 def install() -> None:

@@ -208,3 +208,4 @@ def test_zero3_is_refused_in_one_line_for_a_family_that_cannot_run_it(shapes, tm
     assert cli_main(argv) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("--zero zero3: mllama does not run under ZeRO-3 here; use --zero zero2"), err
+    assert not (tmp_path / "run").exists()  # refused before anything is written: the same command with zero2 runs

@@ -57,6 +57,12 @@ class LlavaTrainer(Trainer):
     def __init__(self, *args, projector_lr: float | None = None, vision_lr: float | None = None,
                  lengths: list[int] | None = None, generation_eval=None, overfit_patience: int = 2,
                  blank_image_inputs: dict[str, torch.Tensor] | None = None, **kwargs):
+        from llavatune.train.train_config import pin_memory_possible
+
+        targs = kwargs.get("args")
+        if targs is not None and targs.dataloader_pin_memory and not pin_memory_possible():
+            # set here, after the run's config was saved with the user's value (a GPU rerun of it pins again)
+            targs.dataloader_pin_memory = False
         self.projector_lr = projector_lr
         self.blank_image_inputs = blank_image_inputs
         self.vision_lr = vision_lr

@@ -78,11 +78,13 @@ def validate(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArg
         raise ConfigError("--model compose needs --vision_model and --language_model")
     from llavatune.model.families import TINY_MODELS
 
-    if margs.model.startswith("tiny") and margs.model not in TINY_MODELS and not Path(margs.model).exists():
+    if (margs.model.startswith("tiny") and "/" not in margs.model and margs.model not in TINY_MODELS
+            and not Path(margs.model).exists()):  # 'tinyllava/...' is a hub id
         raise ConfigError(f"--model {margs.model}: no such built-in tiny model; choose one of {', '.join(TINY_MODELS)}")
     if mthd.zero:
         deepspeed_config(mthd.zero)  # an unknown name fails here, before anything is set up
-    check_model_refs(margs, mthd.smoke)
+    fam = check_model_refs(margs, mthd.smoke)
+    refuse_zero3(fam, mthd.zero)
     if mthd.method == "qlora" and mthd.stage == "finetune":
         if zero_settings(mthd.zero)[0] == 3:
             raise ConfigError("--method qlora with --zero zero3: use zero2 (ZeRO-3 cannot shard bitsandbytes weights)")
@@ -100,12 +102,15 @@ def validate(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArg
         raise ConfigError("--metric_for_best_model needs --val_data")
 
 
-def check_model_refs(margs: ModelArgs, smoke: bool) -> None:
+def check_model_refs(margs: ModelArgs, smoke: bool):
     """Fail before anything is written when a model reference cannot be used (``llavatune.model.refs``): a local
     path that does not exist ("no such folder"), or a hub id the hub cannot serve. With ``--smoke`` an unreachable
-    hub is no error: ``build_smoke_base`` falls back to the tiny model."""
+    hub is no error: ``build_smoke_base`` falls back to the tiny model. Returns ``--model``'s family when it is
+    known without loading anything (a built-in tiny model, a local folder's config.json), else None."""
     from llavatune.model.families import TINY_MODELS, check_folder
     from llavatune.model.refs import hub_available, looks_local, resolve_model
+
+    fam = TINY_MODELS.get(margs.model)
 
     refs = [("--vision_model", margs.vision_model), ("--language_model", margs.language_model)]
     if margs.model not in TINY_MODELS and margs.model != "compose":
@@ -118,9 +123,19 @@ def check_model_refs(margs: ModelArgs, smoke: bool) -> None:
         elif ref:
             resolve_model(ref, what)
             if what == "--model":
-                check_folder(ref, what)  # a family llavatune does not train (yet): one line, before anything is written
+                # a family llavatune does not train (yet): one line, before anything is written
+                fam = check_folder(ref, what)
     if margs.pretrained_projector and not Path(margs.pretrained_projector).expanduser().exists():
         raise UserError(f"--pretrained_projector {margs.pretrained_projector}: no such file or folder")
+    return fam
+
+
+def refuse_zero3(fam, zero: str | None) -> None:
+    """ZeRO-3 for a family that cannot run it here: text-only batches under ZeRO-3 run the vision tower on a blank
+    image through get_image_features, which the family's model does not have (Mllama's image enters through
+    cross-attention)."""
+    if zero and "zero3" in str(zero) and fam is not None and not fam.zero3:
+        raise ConfigError(f"--zero {zero}: {fam.name} does not run under ZeRO-3 here; use --zero zero2")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,6 +167,10 @@ def device_options(values: dict) -> None:
 
     if torch.cuda.is_available():
         return
+    if world_size() == 1 and not values.get("use_cpu"):
+        # said once here: DeepSpeed's own "unable to detect" line is dropped (llavatune.quiet), and a GPU machine
+        # with a broken CUDA setup would otherwise train on the CPU without a word
+        _say("no GPU found (torch.cuda.is_available() is False): training on the CPU")
     if world_size() > 1 and not values.get("use_cpu"):
         values["use_cpu"] = True
         _say(f"no GPU: the {world_size()} processes train data-parallel on CPU (gloo backend), each on its share of "
@@ -661,10 +680,7 @@ def load_model(job: Job, data: TrainData) -> LoadedModel:
     dtype = loader.resolve_dtype(margs.dtype, targs.use_cpu)
     quant = None
     fam = loader.check_family(loader.check_model_ref(base_ref), "--model", margs.trust_remote_code)
-    if mthd.zero and "zero3" in str(mthd.zero) and fam is not None and not fam.zero3:
-        # text-only batches under ZeRO-3 run the vision tower on a blank image through get_image_features, which the
-        # family's model does not have (Mllama's image enters through cross-attention)
-        raise ConfigError(f"--zero {mthd.zero}: {fam.name} does not run under ZeRO-3 here; use --zero zero2")
+    refuse_zero3(fam, mthd.zero)  # a hub model's family is known only now
     if mthd.stage == "finetune" and mthd.method == "qlora":
         cdtype = dtype if mthd.bnb_4bit_compute_dtype == "auto" else loader.resolve_dtype(mthd.bnb_4bit_compute_dtype)
         quant = loader.quantization_kwargs(mthd.bits, mthd.bnb_4bit_quant_type, mthd.bnb_4bit_use_double_quant, cdtype,

@@ -215,16 +215,12 @@ class LlavaTrainingArguments(TrainingArguments):
                           "exact_match, token_f1 or loss."},
     )
     dataloader_pin_memory: bool = field(
-        default=True, metadata={"help": "Pin batches in page-locked memory for faster copies to the GPU (off without "
-                                        "an accelerator, where torch ignores it with a warning)."}
+        default=True, metadata={"help": "Pin batches in page-locked memory for faster copies to the GPU (not used "
+                                        "without an accelerator, where torch would ignore it with a warning; the "
+                                        "saved config keeps your value)."}
     )
 
     def __post_init__(self):
-        import torch
-
-        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; before it, CUDA is what pins
-        if self.dataloader_pin_memory and not (accelerator.is_available() if accelerator else torch.cuda.is_available()):
-            self.dataloader_pin_memory = False  # torch: "'pin_memory' ... no accelerator is found" every epoch
         # --gradient_checkpointing (the recipes' and plan's name) is transformers 5's activation_checkpointing: set the
         # new name, so TrainingArguments does not warn that the old one is deprecated (it mirrors it back itself)
         for old, new in (("gradient_checkpointing", "activation_checkpointing"),
@@ -232,3 +228,20 @@ class LlavaTrainingArguments(TrainingArguments):
             if getattr(self, new, False) is None and getattr(self, old) is not None:
                 setattr(self, new, getattr(self, old))
         super().__post_init__()
+
+    def to_dict(self) -> dict:
+        """As saved in ``llavatune_config.yaml``: the options under the names llavatune's flags use (only
+        ``gradient_checkpointing``: a saved ``activation_checkpointing`` would override a later
+        ``--gradient_checkpointing`` flag on the saved file)."""
+        d = super().to_dict()
+        for new in ("activation_checkpointing", "activation_checkpointing_kwargs"):
+            d.pop(new, None)
+        return d
+
+
+def pin_memory_possible() -> bool:
+    """Whether pinned memory means anything here (an accelerator to copy to); torch warns every epoch otherwise."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; before it, CUDA is what pins
+    return accelerator.is_available() if accelerator else torch.cuda.is_available()
