@@ -198,3 +198,27 @@ def test_unknown_repository_is_an_error_even_for_smoke(inputs, capsys, hub_witho
     assert not (inputs["tmp"] / "s").exists()  # refused before anything was written
     rc, err, _ = _run(["plan", "--model", "llava-hf/llava-1.5-7b-hf-typo"], capsys)
     assert rc == 1 and "no such repository" in _one_line(err)
+
+
+def test_a_hub_model_of_a_family_llavatune_cannot_train_is_refused_before_the_run_folder_exists(
+        tmp_path, capsys, monkeypatch, unreachable_hub):
+    """`train --model org/text-only-llm` (in the cache, hub down): one line about the model, and no run folder left
+    behind that would make the corrected command refuse as 'holds a different run'."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / ("models--" + UNSHIPPED.replace("/", "--"))
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "a", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}]))
+    rc = main(["train", "--model", UNSHIPPED, "--data", str(tmp_path / "d.json"), "--output_dir",
+               str(tmp_path / "run")])
+    line = _one_line(capsys.readouterr().err)
+    assert rc != 0 and UNSHIPPED in line, line
+    assert not (tmp_path / "run").exists()

@@ -123,8 +123,14 @@ def check_model_refs(margs: ModelArgs, smoke: bool):
         elif ref:
             resolve_model(ref, what)
             if what == "--model":
-                # a family llavatune does not train (yet): one line, before anything is written
-                fam = check_folder(ref, what)
+                # a family llavatune does not train (yet): one line, before anything is written (a hub model's
+                # config.json is fetched now, not after the run folder exists)
+                if looks_local(ref):
+                    fam = check_folder(ref, what)
+                else:
+                    from llavatune.model.loader import check_family
+
+                    fam = check_family(ref, what, margs.trust_remote_code)
     if margs.pretrained_projector and not Path(margs.pretrained_projector).expanduser().exists():
         raise UserError(f"--pretrained_projector {margs.pretrained_projector}: no such file or folder")
     return fam
