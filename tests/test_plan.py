@@ -327,3 +327,12 @@ def test_every_tiny_familys_parameters_are_counted_exactly(name):
     c = spec_from_config(model.config.to_dict()).count()
     assert (c["vision"], c["projector"]) == (real["vision"], real["projector"])
     assert c["llm_linear"] + c["llm_other"] + c["embed"] + c["lm_head"] == real["llm"]
+
+
+def test_plan_warns_when_one_image_fills_the_sequence(capsys):
+    """Idefics3 splits a 640 x 480 photo into 13 crops (2,226 tokens): at --max-length 2048 every image sample would be
+    dropped by train, so plan says so; at 4096 it does not."""
+    assert main(["plan", "--model", "HuggingFaceM4/Idefics3-8B-Llama3", "--max-length", "2048", "--batch", "1"]) == 0
+    assert "warning: one image takes 2226 tokens, not less than --max-length 2048" in capsys.readouterr().out
+    assert main(["plan", "--model", "HuggingFaceM4/Idefics3-8B-Llama3", "--max-length", "4096", "--batch", "1"]) == 0
+    assert "warning: one image" not in capsys.readouterr().out

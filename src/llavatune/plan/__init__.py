@@ -320,6 +320,11 @@ def render(args: PlanArgs, spec: ModelSpec, est: Estimate, sugg: list[Suggestion
                  f"{'headroom' if fits else 'short'})")
     for n in est.notes:
         lines.append(f"note: {n}")
+    if spec.image_tokens and spec.image_tokens >= s.max_length:
+        # train drops (or, with --truncation truncate, cannot keep) a sample whose image alone fills the sequence
+        lines.append(f"warning: one image takes {spec.image_tokens} tokens, not less than --max-length {s.max_length}: "
+                     f"training would drop every image sample; raise --max-length (or shrink the images the "
+                     f"processor makes, e.g. its longest_edge)")
     if sugg:
         lines.append("")
         lines.append("what to change (each re-estimated):" if not fits else "options:")
