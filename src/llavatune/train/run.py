@@ -173,10 +173,6 @@ def device_options(values: dict) -> None:
 
     if torch.cuda.is_available():
         return
-    if world_size() == 1 and not values.get("use_cpu"):
-        # said once here: DeepSpeed's own "unable to detect" line is dropped (llavatune.quiet), and a GPU machine
-        # with a broken CUDA setup would otherwise train on the CPU without a word
-        _say("no GPU found (torch.cuda.is_available() is False): training on the CPU")
     if world_size() > 1 and not values.get("use_cpu"):
         values["use_cpu"] = True
         _say(f"no GPU: the {world_size()} processes train data-parallel on CPU (gloo backend), each on its share of "
@@ -517,6 +513,16 @@ def write_validation_files(out: Path, validations: list[Validation], cache) -> N
     cache.save(out / IMAGE_CHECKS_FILE)
 
 
+def say_device(targs: LlavaTrainingArguments) -> None:
+    """One line when a single process trains on the CPU without being asked to: DeepSpeed's own "unable to detect"
+    line is dropped (``llavatune.quiet``), and a GPU machine with a broken CUDA setup would otherwise train on the
+    CPU without a word."""
+    import torch
+
+    if not torch.cuda.is_available() and world_size() == 1 and not targs.use_cpu:
+        _say("no GPU found (torch.cuda.is_available() is False): training on the CPU")
+
+
 def train_with_one_line_errors(trainer, resume_from: str | None) -> None:
     """``trainer.train``, with a llavatune error raised inside a DataLoader worker process shown as the same one
     line it is in the main process: torch re-raises it as ``Caught UserError in DataLoader worker process N`` plus
@@ -855,6 +861,7 @@ def train(margs: ModelArgs, dargs: DataArgs, mthd: MethodArgs, eargs: EvalArgs,
     write_config(job)
     meta = run_meta(job, loaded)
     trainer = build_trainer(job, data, loaded, meta, datasets, extra_callbacks)
+    say_device(job.targs)
     train_with_one_line_errors(trainer, plan.resume_from)
     finish(job, trainer, loaded, meta, fingerprint)
     return trainer
