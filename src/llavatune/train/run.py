@@ -106,7 +106,7 @@ def check_model_refs(margs: ModelArgs, smoke: bool):
     """Fail before anything is written when a model reference cannot be used (``llavatune.model.refs``): a local
     path that does not exist ("no such folder"), or a hub id the hub cannot serve. With ``--smoke`` an unreachable
     hub is no error: ``build_smoke_base`` falls back to the tiny model. Returns ``--model``'s family when it is
-    known without loading anything (a built-in tiny model, a local folder's config.json), else None."""
+    known from config.json alone (a built-in tiny model, a local folder's or a hub model's), else None."""
     from llavatune.model.families import TINY_MODELS, check_folder
     from llavatune.model.refs import hub_available, looks_local, resolve_model
 
