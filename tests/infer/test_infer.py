@@ -334,7 +334,7 @@ for d in req["models"]:
                                  output_scores=True, return_dict_in_generate=True)
         new = gen.sequences[0, inputs["input_ids"].shape[1]:]
         # per step: the top-2 logit gap, and how many answer characters the tokens so far make
-        margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in gen.scores]
+        margins = [float(top[0] - top[1]) for top in (s[0].topk(2).values for s in gen.scores)]
         ends = [len(proc.tokenizer.decode(new[:k + 1], skip_special_tokens=True).strip()) for k in range(len(new))]
         rows.append({"prompt": prompt, "prompt_ids": inputs["input_ids"][0].tolist(), "margins": margins,
                      "ends": ends, "answer": proc.tokenizer.decode(new, skip_special_tokens=True).strip()})

@@ -692,7 +692,7 @@ def load_model(job: Job, data: TrainData) -> LoadedModel:
     dtype = loader.resolve_dtype(margs.dtype, targs.use_cpu)
     quant = None
     fam = loader.check_family(loader.check_model_ref(base_ref), "--model", margs.trust_remote_code)
-    refuse_zero3(fam, mthd.zero)  # a hub model's family is known only now
+    refuse_zero3(fam, mthd.zero)  # validate() did this for --model; a compose or --smoke base is known only now
     if mthd.stage == "finetune" and mthd.method == "qlora":
         cdtype = dtype if mthd.bnb_4bit_compute_dtype == "auto" else loader.resolve_dtype(mthd.bnb_4bit_compute_dtype)
         quant = loader.quantization_kwargs(mthd.bits, mthd.bnb_4bit_quant_type, mthd.bnb_4bit_use_double_quant, cdtype,
