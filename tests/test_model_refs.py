@@ -222,3 +222,13 @@ def test_a_hub_model_of_a_family_llavatune_cannot_train_is_refused_before_the_ru
     line = _one_line(capsys.readouterr().err)
     assert rc != 0 and UNSHIPPED in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_mistyped_tiny_model_name_lists_the_built_in_ones(tmp_path, capsys, monkeypatch):
+    """`check DATA --model tiny-qwen` (the family's name half typed): one line that names the built-in tiny models."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "a", "conversations": [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]))
+    assert main(["check", "d.json", "--model", "tiny-qwen"]) != 0
+    line = _one_line(capsys.readouterr().err)
+    assert "--model tiny-qwen: no such folder" in line and "tiny-qwen2_5_vl" in line, line

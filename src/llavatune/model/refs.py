@@ -64,7 +64,12 @@ def resolve_model(ref: str, what: str = "--model", files_ok: bool = False) -> st
             raise UserError(f"{what} {ref}: is a file; pass the model's folder")
         return str(p)
     if not HUB_ID.match(ref):
-        raise UserError(f"{what} {ref}: no such folder, and not a hub id like '{EXAMPLE}'")
+        hint = ""
+        if ref.startswith("tiny"):  # a mistyped built-in name: say which ones there are
+            from llavatune.model.families import TINY_MODELS
+
+            hint = f" (built-in tiny models: {', '.join(TINY_MODELS)})"
+        raise UserError(f"{what} {ref}: no such folder, and not a hub id like '{EXAMPLE}'{hint}")
     ensure_hub(ref, what)
     return ref
 
